@@ -1,0 +1,1 @@
+"""The attacker: countermeasures on the photos, personalization, sampling."""

@@ -1,0 +1,207 @@
+"""Photos on disk: the Anti-DreamBooth layout (CelebA-HQ, VGGFace2) and plain folders.
+
+Anti-DreamBooth layout: ``<root>/<identity>/set_A|set_B|set_C/<photos>``.
+Plain folders: ``<root>/<identity>/<photos>``, split round-robin in name order
+(photo 0 -> set_A, 1 -> set_B, 2 -> set_C, 3 -> set_A, ...).
+Every problem found is reported at once, each with its path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from antipers.data.identity import SETS, DatasetError, IdentitySet
+from antipers.images import IMAGE_SUFFIXES, read_images
+
+DATA_DIR_ENV = "ANTIPERS_DATA_DIR"
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get(DATA_DIR_ENV) or Path.home() / ".cache" / "antipers" / "data")
+
+
+def _entries(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def scan_photos(folder: Path, problems: list[str], verify: bool) -> list[Path]:
+    """Image files in ``folder``; non-image and unreadable files go to ``problems``."""
+    photos = []
+    for path in _entries(folder):
+        if path.is_dir():
+            problems.append(f"{path}: unexpected folder (expected only photos here)")
+        elif path.suffix.lower() not in IMAGE_SUFFIXES:
+            problems.append(f"{path}: not an image (expected {', '.join(IMAGE_SUFFIXES)})")
+        elif verify and not _readable(path, problems):
+            continue
+        else:
+            photos.append(path)
+    return photos
+
+
+def _readable(path: Path, problems: list[str]) -> bool:
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        return True
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        problems.append(f"{path}: unreadable image ({exc})")
+        return False
+
+
+def _check_root(root: Path, label: str) -> None:
+    if not root.is_dir():
+        raise DatasetError([f"{root}: dataset {label!r} folder does not exist"])
+
+
+def _identity_dirs(root: Path) -> list[Path]:
+    return [p for p in _entries(root) if p.is_dir()]
+
+
+def is_antidreambooth_layout(root: Path) -> bool:
+    return any((d / s).is_dir() for d in _identity_dirs(root) for s in SETS)
+
+
+@dataclass(frozen=True)
+class AntiDreamBoothFolders:
+    """``<root>/<identity>/set_A|set_B|set_C``; ``root=""`` means ``$ANTIPERS_DATA_DIR/<name>``."""
+
+    root: str = ""
+    min_photos: int = 2
+    label: ClassVar[str] = "anti-dreambooth"
+
+    @property
+    def path(self) -> Path:
+        return Path(self.root).expanduser() if self.root else data_dir() / self.label
+
+    def identities(self) -> list[str]:
+        _check_root(self.path, self.label)
+        return [d.name for d in _identity_dirs(self.path)]
+
+    def photo_sets(self, identity: str, verify: bool = False) -> dict[str, list[Path]]:
+        folder = self.path / identity
+        if not folder.is_dir():
+            _check_root(self.path, self.label)
+            raise DatasetError([f"{folder}: no identity {identity!r} in dataset {self.label!r}"])
+        problems: list[str] = []
+        sets: dict[str, list[Path]] = {}
+        for name in SETS:
+            sub = folder / name
+            if not sub.is_dir():
+                problems.append(f"{sub}: missing (each identity needs {', '.join(SETS)})")
+                continue
+            sets[name] = scan_photos(sub, problems, verify)
+            if not problems and len(sets[name]) < self.min_photos:
+                problems.append(
+                    f"{sub}: {len(sets[name])} photo(s), need at least {self.min_photos}"
+                )
+        extra = [p for p in _entries(folder) if p.name not in SETS]
+        problems += [f"{p}: unexpected entry (expected only {', '.join(SETS)})" for p in extra]
+        if problems:
+            raise DatasetError(problems)
+        return sets
+
+    def load(self, identity: str, resolution: int) -> IdentitySet:
+        sets = self.photo_sets(identity)
+        return IdentitySet(
+            dataset=self.label,
+            identity=identity,
+            **{name: read_images(paths, resolution) for name, paths in sets.items()},
+            sources={name: tuple(map(str, paths)) for name, paths in sets.items()},
+        )
+
+    def check(self) -> list[str]:
+        """Every problem in the whole dataset (empty when it is usable)."""
+        return check_all(self)
+
+
+@dataclass(frozen=True)
+class CelebAHQ(AntiDreamBoothFolders):
+    """CelebA-HQ as prepared for Anti-DreamBooth (50 identities, 4 photos per set)."""
+
+    label: ClassVar[str] = "celeba-hq"
+
+
+@dataclass(frozen=True)
+class VGGFace2(AntiDreamBoothFolders):
+    """VGGFace2 as prepared for Anti-DreamBooth (50 identities, 4 photos per set)."""
+
+    label: ClassVar[str] = "vggface2"
+
+
+@dataclass(frozen=True)
+class PlainFolders:
+    """``<root>/<identity>/<photos>``, split round-robin into set_A, set_B, set_C."""
+
+    root: str
+    min_photos: int = 2
+    label: ClassVar[str] = "folder"
+
+    @property
+    def path(self) -> Path:
+        return Path(self.root).expanduser()
+
+    def identities(self) -> list[str]:
+        _check_root(self.path, self.label)
+        return [d.name for d in _identity_dirs(self.path)]
+
+    def photo_sets(self, identity: str, verify: bool = False) -> dict[str, list[Path]]:
+        folder = self.path / identity
+        if not folder.is_dir():
+            _check_root(self.path, self.label)
+            raise DatasetError([f"{folder}: no identity {identity!r} in {self.path}"])
+        problems: list[str] = []
+        photos = scan_photos(folder, problems, verify)
+        need = max(self.min_photos, 2)
+        if not problems and len(photos) < need:
+            problems.append(f"{folder}: {len(photos)} photo(s), need at least {need}")
+        if problems:
+            raise DatasetError(problems)
+        return {name: photos[i :: len(SETS)] for i, name in enumerate(SETS)}
+
+    def load(self, identity: str, resolution: int) -> IdentitySet:
+        sets = self.photo_sets(identity)
+
+        def batch(paths: list[Path]) -> torch.Tensor:
+            return read_images(paths, resolution) if paths else torch.zeros(0, 3, resolution, resolution)
+
+        return IdentitySet(
+            dataset=self.label,
+            identity=identity,
+            **{name: batch(paths) for name, paths in sets.items()},
+            sources={name: tuple(map(str, paths)) for name, paths in sets.items()},
+        )
+
+    def check(self) -> list[str]:
+        return check_all(self)
+
+
+def check_all(dataset: AntiDreamBoothFolders | PlainFolders) -> list[str]:
+    try:
+        identities = dataset.identities()
+    except DatasetError as exc:
+        return exc.problems
+    if not identities:
+        return [f"{dataset.path}: no identity folders"]
+    problems: list[str] = []
+    for identity in identities:
+        try:
+            dataset.photo_sets(identity, verify=True)
+        except DatasetError as exc:
+            problems += exc.problems
+    return problems
+
+
+def open_folder(root: str | Path, min_photos: int = 2) -> AntiDreamBoothFolders | PlainFolders:
+    """The right reader for a folder: Anti-DreamBooth layout if any identity has set_*."""
+    path = Path(root)
+    _check_root(path, str(path))
+    if is_antidreambooth_layout(path):
+        return AntiDreamBoothFolders(str(path), min_photos)
+    return PlainFolders(str(path), min_photos)

@@ -1,0 +1,20 @@
+"""What a defense hands to the attacker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from antipers.models.bundle import DiffusionBundle
+
+
+@dataclass
+class Protected:
+    """``images``: the photos the attacker gets (image track: perturbed; else clean).
+    ``bundle``: the base model the attacker personalizes (model track: protected).
+    ``personalized``: set on the immunization track, where the defense personalizes."""
+
+    images: torch.Tensor
+    bundle: DiffusionBundle
+    personalized: DiffusionBundle | None = None

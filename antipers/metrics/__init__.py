@@ -1,0 +1,1 @@
+"""Metrics: per-image scores of generated images against clean references."""

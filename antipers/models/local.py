@@ -1,0 +1,93 @@
+"""Real base models from a local diffusers folder; never the network.
+
+A folder is named by path (``diffusers`` with ``path=``) or by a short name
+(``sd15``, ``sd21-base``) resolved under the models directory: ``--models-dir`` on
+the CLI, else ``$ANTIPERS_MODELS_DIR``, else ``~/.cache/antipers/models``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from antipers.models.bundle import DiffusionBundle
+
+MODELS_DIR_ENV = "ANTIPERS_MODELS_DIR"
+SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A base-model folder that is missing or incomplete; the message says where and what."""
+
+
+def models_dir() -> Path:
+    return Path(os.environ.get(MODELS_DIR_ENV) or Path.home() / ".cache" / "antipers" / "models")
+
+
+def check_folder(path: Path, label: str) -> None:
+    missing = [s for s in SUBFOLDERS if not (path / s).is_dir()]
+    if not path.is_dir() or missing:
+        what = "does not exist" if not path.is_dir() else f"lacks {', '.join(s + '/' for s in missing)}"
+        raise ModelNotFoundError(
+            f"base model {label!r}: {path} {what}. Expected a diffusers folder "
+            f"(model_index.json with {', '.join(s + '/' for s in SUBFOLDERS)}), e.g. saved by "
+            f"StableDiffusionPipeline.save_pretrained. Set --models-dir or ${MODELS_DIR_ENV} "
+            f"(now {models_dir()}) or give the path."
+        )
+
+
+def load_diffusers_folder(path: Path, label: str, device: torch.device) -> DiffusionBundle:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    check_folder(path, label)
+    kw = {"local_files_only": True}
+    bundle = DiffusionBundle(
+        name=label,
+        vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **kw),
+        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw),
+        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
+        tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
+        scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
+    )
+    return bundle.frozen().to(device)
+
+
+@dataclass(frozen=True)
+class DiffusersFolder:
+    """Any Stable-Diffusion-style diffusers folder, by path."""
+
+    path: str
+
+    def load(self, device: torch.device) -> DiffusionBundle:
+        path = Path(self.path).expanduser()
+        return load_diffusers_folder(path, str(path), device)
+
+
+@dataclass(frozen=True)
+class _NamedFolder:
+    folder: ClassVar[str]
+    label: ClassVar[str]
+
+    def load(self, device: torch.device) -> DiffusionBundle:
+        return load_diffusers_folder(models_dir() / self.folder, self.label, device)
+
+
+@dataclass(frozen=True)
+class SD15(_NamedFolder):
+    """Stable Diffusion 1.5 at ``<models dir>/stable-diffusion-v1-5``."""
+
+    folder: ClassVar[str] = "stable-diffusion-v1-5"
+    label: ClassVar[str] = "sd15"
+
+
+@dataclass(frozen=True)
+class SD21Base(_NamedFolder):
+    """Stable Diffusion 2.1-base at ``<models dir>/stable-diffusion-2-1-base``."""
+
+    folder: ClassVar[str] = "stable-diffusion-2-1-base"
+    label: ClassVar[str] = "sd21-base"

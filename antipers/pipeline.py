@@ -1,0 +1,182 @@
+"""``run_experiment``: one spec through every stage, in-process, no Ray.
+
+identity photos -> protect -> countermeasure -> personalize -> sample -> score -> rows
+
+A stage a track does not use is the ``none`` component, never a special case here.
+The Ray workers, Tune trials and Serve call this same function; a ``RunContext``
+keeps base models, datasets and face backends resident between experiments.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import torch
+
+from antipers import __version__
+from antipers.device import pick_device
+from antipers.images import check_images
+from antipers.models.bundle import DiffusionBundle
+from antipers.registry import (
+    ATTACKS,
+    BASE_MODELS,
+    COUNTERMEASURES,
+    DATASETS,
+    DEFENSES,
+    METRICS,
+    SAMPLERS,
+)
+from antipers.results import AGGREGATE_INDEX, ERROR, OK, SCHEMA_VERSION, ResultStore
+from antipers.spec import ComponentSpec, ExperimentSpec
+
+log = logging.getLogger(__name__)
+STAGES = ("load", "protect", "countermeasure", "personalize", "sample", "score")
+
+
+@dataclass
+class RunContext:
+    """Resident state of one worker: base models and datasets, built once per spec."""
+
+    device: torch.device = field(default_factory=pick_device)
+    _bundles: dict[ComponentSpec, DiffusionBundle] = field(default_factory=dict)
+    _datasets: dict[ComponentSpec, Any] = field(default_factory=dict)
+
+    def base_model(self, spec: ComponentSpec) -> DiffusionBundle:
+        if spec not in self._bundles:
+            self._bundles[spec] = spec.build(BASE_MODELS).load(self.device)
+        return self._bundles[spec]
+
+    def dataset(self, spec: ComponentSpec) -> Any:
+        if spec not in self._datasets:
+            self._datasets[spec] = spec.build(DATASETS)
+        return self._datasets[spec]
+
+
+def _rng(seed: int, stage: str) -> torch.Generator:
+    """An independent, reproducible stream per stage: changing the attack's step count
+    does not change the noise the sampler draws."""
+    offset = STAGES.index(stage) * 1_000_003
+    return torch.Generator().manual_seed(seed * 7_919 + offset)
+
+
+def _base_row(spec: ExperimentSpec, started: datetime) -> dict[str, Any]:
+    return {
+        "spec_id": spec.spec_id,
+        "suite": spec.suite,
+        "protocol": spec.protocol,
+        "track": spec.track,
+        "dataset": spec.dataset.name,
+        "identity": spec.identity,
+        "base_model": spec.base_model.name,
+        "defense": spec.defense.name,
+        "defense_params": spec.defense.params_json(),
+        "countermeasure": spec.countermeasure.name,
+        "countermeasure_params": spec.countermeasure.params_json(),
+        "attack": spec.attack.name,
+        "attack_params": spec.attack.params_json(),
+        "seed": spec.seed,
+        "started_at": started,
+        "antipers_version": __version__,
+        "schema_version": SCHEMA_VERSION,
+        "spec_json": spec.to_json(),
+        "error": None,
+    }
+
+
+ProgressFn = Callable[[str], None]
+
+
+def _stages(spec: ExperimentSpec, ctx: RunContext, progress: ProgressFn) -> list[Any]:
+    progress("load")
+    bundle = ctx.base_model(spec.base_model)
+    identity = ctx.dataset(spec.dataset).load(spec.identity, spec.resolution)
+    progress("protect")
+    protected = spec.defense.build(DEFENSES).protect(identity, bundle, _rng(spec.seed, "protect"))
+    check_images(protected.images, f"defense {spec.defense.name!r} output")
+    progress("countermeasure")
+    countermeasure = spec.countermeasure.build(COUNTERMEASURES)
+    train_images = countermeasure.apply(protected.images, _rng(spec.seed, "countermeasure"))
+    check_images(train_images, f"countermeasure {spec.countermeasure.name!r} output")
+    if protected.personalized is not None:
+        personalized = protected.personalized
+    else:
+        progress("personalize")
+        attack = spec.attack.build(ATTACKS)
+        personalized = attack.personalize(train_images, protected.bundle, _rng(spec.seed, "personalize"))
+    progress("sample")
+    sampler = spec.sampling.build(SAMPLERS)
+    generated = sampler.sample(personalized, spec.resolution, _rng(spec.seed, "sample"))
+    progress("score")
+    return [m.build(METRICS).score(generated, identity.set_A) for m in spec.metrics]
+
+
+def run_experiment(
+    spec: ExperimentSpec,
+    context: RunContext | None = None,
+    progress: ProgressFn | None = None,
+    raise_errors: bool = False,
+) -> list[dict[str, Any]]:
+    """The result rows of ``spec``. A failure becomes one row with ``status="error"``
+    and the message (unless ``raise_errors``), never a lost experiment."""
+    ctx = context or RunContext()
+    started = datetime.now(UTC)
+    t0 = time.perf_counter()
+    base = _base_row(spec, started)
+    say = progress or (lambda stage: log.info("%s: %s", spec.spec_id, stage))
+    try:
+        results = _stages(spec, ctx, say)
+    except Exception as exc:
+        if raise_errors:
+            raise
+        log.warning("experiment %s failed: %s", spec.spec_id, exc)
+        message = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
+        return [
+            {
+                **base,
+                "metric": "",
+                "value": float("nan"),
+                "higher_is_better": None,
+                "unit": "",
+                "backend": "",
+                "image_index": AGGREGATE_INDEX,
+                "status": ERROR,
+                "error": message,
+                "duration_s": time.perf_counter() - t0,
+            }
+        ]
+    duration = time.perf_counter() - t0
+    rows = []
+    for result in results:
+        common = {
+            **base,
+            "metric": result.metric,
+            "higher_is_better": result.higher_is_better,
+            "unit": result.unit,
+            "backend": result.backend,
+            "status": OK,
+            "duration_s": duration,
+        }
+        rows.append({**common, "value": float(result.aggregate), "image_index": AGGREGATE_INDEX})
+        rows += [{**common, "value": float(v), "image_index": i} for i, v in enumerate(result.values)]
+    return rows
+
+
+def run_and_store(
+    spec: ExperimentSpec,
+    store: ResultStore,
+    context: RunContext | None = None,
+    force: bool = False,
+    progress: ProgressFn | None = None,
+) -> tuple[list[dict[str, Any]], bool]:
+    """Run ``spec`` unless the store has it; returns (rows, ran)."""
+    if not force and spec.spec_id in store.finished_ids():
+        return store.load([spec.spec_id]).to_dict("records"), False
+    rows = run_experiment(spec, context, progress)
+    store.write(rows)
+    return rows, True

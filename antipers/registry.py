@@ -1,0 +1,232 @@
+"""Name -> lazy ``"module:attr"`` target.
+
+Importing antipers imports no heavy framework: a component's module is imported
+only when its name is resolved. Components are frozen dataclasses whose fields are
+their parameters, so a spec can be validated (names, types, defaults) from the
+class alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class RegistryError(KeyError):
+    """An unknown or duplicate name; ``str()`` is the readable message."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class SpecError(ValueError):
+    """A spec that cannot describe an experiment; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One accepted parameter of a component: its name, type and default."""
+
+    name: str
+    type: Any
+    default: Any
+    doc: str = ""
+
+    @property
+    def type_name(self) -> str:
+        return type_name(self.type)
+
+
+class Registry(Generic[T]):
+    """A small registry of components of one kind (defenses, metrics, ...)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._targets: dict[str, str] = {}
+        self._loaded: dict[str, type[T]] = {}
+
+    def register(self, name: str, target: str) -> None:
+        if name in self._targets:
+            raise RegistryError(
+                f"{self.kind} {name!r} is already registered (as {self._targets[name]})"
+            )
+        if ":" not in target:
+            raise ValueError(f"target for {self.kind} {name!r} must be 'module:attr', got {target!r}")
+        self._targets[name] = target
+
+    def names(self) -> list[str]:
+        return sorted(self._targets)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._targets
+
+    def get(self, name: str) -> type[T]:
+        """The component class for ``name``, imported on first use."""
+        if name not in self._targets:
+            raise RegistryError(self.unknown_message(name))
+        if name not in self._loaded:
+            module_name, attr = self._targets[name].split(":", 1)
+            self._loaded[name] = getattr(importlib.import_module(module_name), attr)
+        return self._loaded[name]
+
+    def unknown_message(self, name: str) -> str:
+        close = difflib.get_close_matches(name, self._targets, n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        return f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(self.names())}"
+
+    def params(self, name: str) -> list[Param]:
+        return component_params(self.get(name))
+
+    def build(self, name: str, params: dict[str, Any] | None = None) -> T:
+        """An instance of ``name`` with ``params`` (validated and normalized)."""
+        cls = self.get(name)
+        return cls(**validate_params(self.kind, name, cls, params or {}))
+
+
+def component_params(cls: type) -> list[Param]:
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls.__qualname__} must be a dataclass to be registered")
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name.startswith("_"):
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        out.append(Param(f.name, hints[f.name], default, f.metadata.get("doc", "")))
+    return out
+
+
+def validate_params(kind: str, name: str, cls: type, params: dict[str, Any]) -> dict[str, Any]:
+    """Check names and types against ``cls``; fill defaults; coerce to canonical types.
+
+    Canonical types keep ``spec_id`` stable: ``eps: 6`` and ``eps: 6.0`` are the same
+    experiment, lists become tuples.
+    """
+    accepted = {p.name: p for p in component_params(cls)}
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        listing = ", ".join(f"{p.name}: {p.type_name}" for p in accepted.values()) or "none"
+        raise SpecError(
+            f"{kind} {name!r} has no parameter {', '.join(map(repr, unknown))}; "
+            f"accepted parameters: {listing}"
+        )
+    out: dict[str, Any] = {}
+    for pname, p in accepted.items():
+        if pname in params:
+            out[pname] = coerce(params[pname], p.type, f"{kind}.{pname}")
+        elif p.default is dataclasses.MISSING:
+            raise SpecError(f"{kind} {name!r} needs parameter {pname!r} ({p.type_name})")
+        else:
+            out[pname] = p.default
+    return out
+
+
+def type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def coerce(value: Any, tp: Any, field: str) -> Any:
+    """``value`` as type ``tp`` or a SpecError naming ``field`` and the expected type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, field)
+            except SpecError:
+                continue
+        raise SpecError(f"{field}: expected {type_name(tp)}, got {value!r}")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise SpecError(f"{field}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+    if origin in (tuple, list):
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise SpecError(f"{field}: expected a list ({type_name(tp)}), got {value!r}")
+        item = args[0] if args else Any
+        if origin is tuple and len(args) >= 2 and args[1] is not Ellipsis:
+            if len(value) != len(args):
+                raise SpecError(f"{field}: expected {len(args)} items, got {len(value)}")
+            return tuple(coerce(v, a, f"{field}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(coerce(v, item, f"{field}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise SpecError(f"{field}: expected {type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+BASE_MODELS: Registry[Any] = Registry("base model")
+DATASETS: Registry[Any] = Registry("dataset")
+DEFENSES: Registry[Any] = Registry("defense")
+COUNTERMEASURES: Registry[Any] = Registry("countermeasure")
+ATTACKS: Registry[Any] = Registry("attack")
+SAMPLERS: Registry[Any] = Registry("sampler")
+METRICS: Registry[Any] = Registry("metric")
+
+REGISTRIES: dict[str, Registry[Any]] = {
+    "base-models": BASE_MODELS,
+    "datasets": DATASETS,
+    "defenses": DEFENSES,
+    "countermeasures": COUNTERMEASURES,
+    "attacks": ATTACKS,
+    "samplers": SAMPLERS,
+    "metrics": METRICS,
+}
+
+for _name, _target in [
+    ("tiny", "antipers.models.tiny:TinyModel"),
+    ("sd15-arch", "antipers.models.arch:SD15Arch"),
+    ("sd21-arch", "antipers.models.arch:SD21Arch"),
+    ("diffusers", "antipers.models.local:DiffusersFolder"),
+    ("sd15", "antipers.models.local:SD15"),
+    ("sd21-base", "antipers.models.local:SD21Base"),
+]:
+    BASE_MODELS.register(_name, _target)
+
+for _name, _target in [
+    ("synthetic", "antipers.data.synthetic:SyntheticDataset"),
+    ("celeba-hq", "antipers.data.folders:CelebAHQ"),
+    ("vggface2", "antipers.data.folders:VGGFace2"),
+    ("folder", "antipers.data.folders:PlainFolders"),
+]:
+    DATASETS.register(_name, _target)
+
+DEFENSES.register("none", "antipers.defenses.none:NoDefense")
+COUNTERMEASURES.register("none", "antipers.attacks.countermeasures:NoCountermeasure")
+ATTACKS.register("lora", "antipers.attacks.lora:LoRADreamBooth")
+SAMPLERS.register("ddim", "antipers.attacks.sampling:DDIMSampler")
+METRICS.register("fdfr", "antipers.metrics.identity:FDFR")
+METRICS.register("ism", "antipers.metrics.identity:ISM")

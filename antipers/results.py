@@ -1,0 +1,165 @@
+"""Result rows and the Parquet store.
+
+Long format: one row per experiment x metric x image (``image_index`` -1 holds the
+metric's aggregate). Adding a metric never changes the schema. A store is a folder
+(local path or any ``pyarrow.fs`` URI such as ``s3://bucket/prefix``) with one
+Parquet file per finished experiment, written under a temporary name and renamed,
+so a killed writer leaves nothing that loads.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 1
+AGGREGATE_INDEX = -1
+OK, ERROR = "ok", "error"
+
+SCHEMA = pa.schema(
+    [
+        ("spec_id", pa.string()),
+        ("suite", pa.string()),
+        ("protocol", pa.string()),
+        ("track", pa.string()),
+        ("dataset", pa.string()),
+        ("identity", pa.string()),
+        ("base_model", pa.string()),
+        ("defense", pa.string()),
+        ("defense_params", pa.string()),
+        ("countermeasure", pa.string()),
+        ("countermeasure_params", pa.string()),
+        ("attack", pa.string()),
+        ("attack_params", pa.string()),
+        ("metric", pa.string()),
+        ("value", pa.float64()),
+        ("higher_is_better", pa.bool_()),
+        ("unit", pa.string()),
+        ("backend", pa.string()),
+        ("image_index", pa.int32()),
+        ("seed", pa.int64()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("started_at", pa.timestamp("us", tz="UTC")),
+        ("duration_s", pa.float64()),
+        ("antipers_version", pa.string()),
+        ("schema_version", pa.int32()),
+        ("spec_json", pa.string()),
+    ]
+)
+REQUIRED_COLUMNS = tuple(SCHEMA.names)
+
+
+def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
+    missing = {c for row in rows for c in REQUIRED_COLUMNS if c not in row}
+    if missing:
+        raise ValueError(f"result rows lack column(s): {', '.join(sorted(missing))}")
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+@dataclass
+class ResultStore:
+    """One Parquet file per experiment: ``<spec_id>.parquet`` (ok) or
+    ``<spec_id>.error.parquet`` (failed: retried by the next run)."""
+
+    uri: str
+
+    def __post_init__(self) -> None:
+        if "://" in self.uri:
+            self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
+        else:
+            self.fs = pafs.LocalFileSystem()
+            self.root = str(Path(self.uri).expanduser().absolute())
+        self.root = self.root.rstrip("/")
+        self.fs.create_dir(self.root, recursive=True)
+
+    def _path(self, spec_id: str, status: str) -> str:
+        suffix = ".parquet" if status == OK else ".error.parquet"
+        return f"{self.root}/{spec_id}{suffix}"
+
+    def write(self, rows: list[dict[str, Any]]) -> str:
+        """Atomically store one experiment's rows; returns the final path."""
+        if not rows:
+            raise ValueError("no rows to write")
+        spec_ids = {r["spec_id"] for r in rows}
+        if len(spec_ids) != 1:
+            raise ValueError(f"one experiment per file, got spec_ids {sorted(spec_ids)}")
+        spec_id = spec_ids.pop()
+        status = ERROR if any(r["status"] == ERROR for r in rows) else OK
+        table = rows_to_table(rows)
+        final = self._path(spec_id, status)
+        tmp = f"{self.root}/.tmp-{spec_id}-{uuid.uuid4().hex}.parquet"
+        try:
+            with self.fs.open_output_stream(tmp) as sink:
+                pq.write_table(table, sink, row_group_size=65536)
+            self.fs.move(tmp, final)
+        except BaseException:
+            self._delete(tmp)
+            raise
+        if status == OK:
+            self._delete(self._path(spec_id, ERROR))
+        return final
+
+    def _delete(self, path: str) -> None:
+        try:
+            self.fs.delete_file(path)
+        except (FileNotFoundError, OSError):
+            pass
+
+    def _files(self) -> list[pafs.FileInfo]:
+        infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        return [
+            i for i in infos
+            if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
+            and not i.base_name.startswith(".")
+        ]
+
+    def finished_ids(self) -> set[str]:
+        """spec_ids stored with status ok: a rerun skips these."""
+        return {
+            i.base_name.removesuffix(".parquet") for i in self._files()
+            if not i.base_name.endswith(".error.parquet")
+        }
+
+    def failed_ids(self) -> set[str]:
+        return {
+            i.base_name.removesuffix(".error.parquet") for i in self._files()
+            if i.base_name.endswith(".error.parquet")
+        } - self.finished_ids()
+
+    def load(self, spec_ids: Iterable[str] | None = None) -> pd.DataFrame:
+        """Every stored row (or those of ``spec_ids``) as one DataFrame."""
+        wanted = set(spec_ids) if spec_ids is not None else None
+        ok = self.finished_ids()
+        paths = []
+        for info in self._files():
+            sid = info.base_name.removesuffix(".parquet").removesuffix(".error")
+            is_error = info.base_name.endswith(".error.parquet")
+            if (wanted is None or sid in wanted) and not (is_error and sid in ok):
+                paths.append(info.path)
+        if not paths:
+            return SCHEMA.empty_table().to_pandas()
+        return pads.dataset(sorted(paths), schema=SCHEMA, filesystem=self.fs).to_table().to_pandas()
+
+    def sweep_temporary(self, older_than_s: float = 3600.0) -> int:
+        """Remove temporary files that a killed writer left (old enough that no live
+        writer can still own them); returns how many."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        now = time.time()
+        removed = 0
+        for info in infos:
+            if info.base_name.startswith(".tmp-") and info.mtime is not None:
+                if now - info.mtime.timestamp() >= older_than_s:
+                    self._delete(info.path)
+                    removed += 1
+        return removed

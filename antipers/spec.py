@@ -1,0 +1,249 @@
+"""The one spec type: everything about one experiment, frozen and hashable.
+
+An ``ExperimentSpec`` flows unchanged from a YAML file, a Tune trial or an HTTP
+request to the workers and into every result row (as canonical JSON plus
+``spec_id``). Parameters are validated against the registered component classes,
+filled with their defaults and coerced to canonical types, so two specs that
+describe the same experiment have the same ``spec_id``.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from antipers.registry import (
+    ATTACKS,
+    BASE_MODELS,
+    COUNTERMEASURES,
+    DATASETS,
+    DEFENSES,
+    METRICS,
+    SAMPLERS,
+    Registry,
+    RegistryError,
+    SpecError,
+    coerce,
+    validate_params,
+)
+
+TRACKS = ("image", "model", "immunization")
+PROTOCOL = "adb-v1"
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """A registered component by name, with its full (defaults filled) parameters."""
+
+    name: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.kwargs[key]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **{k: _jsonable(v) for k, v in self.params}}
+
+    def params_json(self) -> str:
+        return canonical_json({k: _jsonable(v) for k, v in self.params})
+
+    @classmethod
+    def parse(cls, value: Any, registry: Registry[Any], where: str) -> ComponentSpec:
+        """From ``"name"`` or ``{"name": ..., **params}``; validated against ``registry``."""
+        if isinstance(value, str):
+            name, params = value, {}
+        elif isinstance(value, Mapping):
+            params = dict(value)
+            name = params.pop("name", None)
+            if not isinstance(name, str):
+                raise SpecError(f"{where}: a mapping needs a 'name' (one of {registry.names()})")
+        else:
+            raise SpecError(
+                f"{where}: expected a {registry.kind} name or a mapping with 'name', got {value!r}"
+            )
+        try:
+            cls_ = registry.get(name)
+        except RegistryError as exc:
+            raise SpecError(f"{where}: {exc}") from None
+        full = validate_params(where, name, cls_, params)
+        return cls(name, tuple(sorted(full.items())))
+
+    def build(self, registry: Registry[Any]) -> Any:
+        return registry.get(self.name)(**self.kwargs)
+
+
+_COMPONENTS: dict[str, Registry[Any]] = {
+    "base_model": BASE_MODELS,
+    "dataset": DATASETS,
+    "defense": DEFENSES,
+    "countermeasure": COUNTERMEASURES,
+    "attack": ATTACKS,
+    "sampling": SAMPLERS,
+}
+_REQUIRED = ("base_model", "dataset", "identity", "attack")
+_DEFAULTS: dict[str, Any] = {
+    "suite": "default",
+    "track": "image",
+    "protocol": PROTOCOL,
+    "defense": "none",
+    "countermeasure": "none",
+    "sampling": "ddim",
+    "metrics": ["fdfr", "ism"],
+    "resolution": 512,
+    "seed": 0,
+}
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    """One experiment: track, base model, data, defense, countermeasure, attack, sampling,
+    metrics and seed. Build it with ``from_dict``/``load_spec`` so it is validated."""
+
+    base_model: ComponentSpec
+    dataset: ComponentSpec
+    identity: str
+    attack: ComponentSpec
+    defense: ComponentSpec
+    countermeasure: ComponentSpec
+    sampling: ComponentSpec
+    metrics: tuple[ComponentSpec, ...]
+    suite: str = "default"
+    track: str = "image"
+    protocol: str = PROTOCOL
+    resolution: int = 512
+    seed: int = 0
+    _id: str = field(default="", init=False, repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ExperimentSpec:
+        if not isinstance(data, Mapping):
+            raise SpecError(f"a spec must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in fields(cls) if f.init}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            key = unknown[0]
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SpecError(f"unknown spec field {key!r}{hint}; fields: {', '.join(sorted(known))}")
+        missing = [k for k in _REQUIRED if k not in data]
+        if missing:
+            raise SpecError(f"spec is missing required field(s): {', '.join(missing)}")
+        merged = {**_DEFAULTS, **data}
+        kwargs: dict[str, Any] = {
+            key: ComponentSpec.parse(merged[key], reg, key) for key, reg in _COMPONENTS.items()
+        }
+        metrics = merged["metrics"]
+        if isinstance(metrics, (str, Mapping)) or not isinstance(metrics, (list, tuple)):
+            raise SpecError(f"metrics: expected a list of metric names, got {metrics!r}")
+        kwargs["metrics"] = tuple(
+            ComponentSpec.parse(m, METRICS, f"metrics[{i}]") for i, m in enumerate(metrics)
+        )
+        kwargs["identity"] = coerce(merged["identity"], str, "identity")
+        kwargs["suite"] = coerce(merged["suite"], str, "suite")
+        kwargs["protocol"] = coerce(merged["protocol"], str, "protocol")
+        kwargs["track"] = coerce(merged["track"], str, "track")
+        if kwargs["track"] not in TRACKS:
+            raise SpecError(f"track: expected one of {', '.join(TRACKS)}, got {kwargs['track']!r}")
+        kwargs["seed"] = coerce(merged["seed"], int, "seed")
+        kwargs["resolution"] = coerce(merged["resolution"], int, "resolution")
+        if kwargs["resolution"] < 8 or kwargs["resolution"] % 8:
+            raise SpecError(f"resolution: expected a positive multiple of 8, got {merged['resolution']}")
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if not f.init:
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, ComponentSpec):
+                value = value.to_dict()
+            elif f.name == "metrics":
+                value = [m.to_dict() for m in value]
+            out[f.name] = value
+        return out
+
+    def to_json(self) -> str:
+        return canonical_json(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> ExperimentSpec:
+        return cls.from_dict(json.loads(text))
+
+    @property
+    def spec_id(self) -> str:
+        """First 16 hex digits of the SHA-256 of the canonical JSON; stable across processes."""
+        if not self._id:
+            object.__setattr__(self, "_id", hashlib.sha256(self.to_json().encode()).hexdigest()[:16])
+        return self._id
+
+    def override(self, changes: Mapping[str, Any]) -> ExperimentSpec:
+        """A validated variant: ``{"defense.eps": 6, "seed": 1, "attack": "lora"}``.
+
+        Replacing a component's name (``"defense": "aspl"``) drops the old parameters.
+        """
+        data = self.to_dict()
+        for dotted, value in changes.items():
+            head, _, rest = dotted.partition(".")
+            if head not in data:
+                raise SpecError(f"override {dotted!r}: unknown spec field {head!r}")
+            if not rest:
+                data[head] = copy.deepcopy(value)
+                continue
+            target = data[head]
+            if not isinstance(target, dict) or "." in rest:
+                raise SpecError(f"override {dotted!r}: {head!r} has no parameter {rest!r}")
+            target[rest] = value
+        return ExperimentSpec.from_dict(data)
+
+    def describe(self) -> str:
+        return (
+            f"{self.track}/{self.defense.name}+{self.countermeasure.name}->{self.attack.name} "
+            f"on {self.base_model.name}:{self.dataset.name}/{self.identity} seed={self.seed}"
+        )
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def load_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML or JSON file as a mapping; errors name the file."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such spec file")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise SpecError(f"{path}: cannot parse ({exc})") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_spec(path: str | Path) -> ExperimentSpec:
+    """An ExperimentSpec from a YAML or JSON file."""
+    data = load_mapping(path)
+    try:
+        return ExperimentSpec.from_dict(data)
+    except SpecError as exc:
+        raise SpecError(f"{path}: {exc}") from None
