@@ -55,7 +55,10 @@ def from_uint8(array: np.ndarray) -> torch.Tensor:
     """``(N, H, W, 3)`` or ``(H, W, 3)`` uint8 to the image convention."""
     if array.ndim == 3:
         array = array[None]
-    return torch.from_numpy(np.array(array, dtype=np.uint8, copy=True)).permute(0, 3, 1, 2).float() / 255.0
+    return (
+        torch.from_numpy(np.array(array, dtype=np.uint8, copy=True)).permute(0, 3, 1, 2).float()
+        / 255.0
+    )
 
 
 def read_image(path: str | Path, size: int | None = None) -> torch.Tensor:

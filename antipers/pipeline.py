@@ -108,7 +108,9 @@ def _stages(spec: ExperimentSpec, ctx: RunContext, progress: ProgressFn) -> list
     else:
         progress("personalize")
         attack = spec.attack.build(ATTACKS)
-        personalized = attack.personalize(train_images, protected.bundle, _rng(spec.seed, "personalize"))
+        personalized = attack.personalize(
+            train_images, protected.bundle, _rng(spec.seed, "personalize")
+        )
     progress("sample")
     sampler = spec.sampling.build(SAMPLERS)
     generated = sampler.sample(personalized, spec.resolution, _rng(spec.seed, "sample"))
@@ -163,7 +165,9 @@ def run_experiment(
             "duration_s": duration,
         }
         rows.append({**common, "value": float(result.aggregate), "image_index": AGGREGATE_INDEX})
-        rows += [{**common, "value": float(v), "image_index": i} for i, v in enumerate(result.values)]
+        rows += [
+            {**common, "value": float(v), "image_index": i} for i, v in enumerate(result.values)
+        ]
     return rows
 
 

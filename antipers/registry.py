@@ -58,7 +58,9 @@ class Registry(Generic[T]):
                 f"{self.kind} {name!r} is already registered (as {self._targets[name]})"
             )
         if ":" not in target:
-            raise ValueError(f"target for {self.kind} {name!r} must be 'module:attr', got {target!r}")
+            raise ValueError(
+                f"target for {self.kind} {name!r} must be 'module:attr', got {target!r}"
+            )
         self._targets[name] = target
 
     def names(self) -> list[str]:
@@ -167,7 +169,10 @@ def coerce(value: Any, tp: Any, field: str) -> Any:
         if origin is tuple and len(args) >= 2 and args[1] is not Ellipsis:
             if len(value) != len(args):
                 raise SpecError(f"{field}: expected {len(args)} items, got {len(value)}")
-            return tuple(coerce(v, a, f"{field}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+            return tuple(
+                coerce(v, a, f"{field}[{i}]")
+                for i, (v, a) in enumerate(zip(value, args, strict=True))
+            )
         return tuple(coerce(v, item, f"{field}[{i}]") for i, v in enumerate(value))
     if tp is bool:
         if isinstance(value, bool):

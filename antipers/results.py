@@ -9,6 +9,7 @@ so a killed writer leaves nothing that loads.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Iterable
@@ -98,7 +99,7 @@ class ResultStore:
         status = ERROR if any(r["status"] == ERROR for r in rows) else OK
         table = rows_to_table(rows)
         final = self._path(spec_id, status)
-        tmp = f"{self.root}/.tmp-{spec_id}-{uuid.uuid4().hex}.parquet"
+        tmp = f"{self.root}/.tmp-{spec_id}-{uuid.uuid4().hex}.part"
         try:
             with self.fs.open_output_stream(tmp) as sink:
                 pq.write_table(table, sink, row_group_size=65536)
@@ -111,29 +112,31 @@ class ResultStore:
         return final
 
     def _delete(self, path: str) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError, OSError):
             self.fs.delete_file(path)
-        except (FileNotFoundError, OSError):
-            pass
 
     def _files(self) -> list[pafs.FileInfo]:
         infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
         return [
-            i for i in infos
-            if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
+            i
+            for i in infos
+            if i.type == pafs.FileType.File
+            and i.base_name.endswith(".parquet")
             and not i.base_name.startswith(".")
         ]
 
     def finished_ids(self) -> set[str]:
         """spec_ids stored with status ok: a rerun skips these."""
         return {
-            i.base_name.removesuffix(".parquet") for i in self._files()
+            i.base_name.removesuffix(".parquet")
+            for i in self._files()
             if not i.base_name.endswith(".error.parquet")
         }
 
     def failed_ids(self) -> set[str]:
         return {
-            i.base_name.removesuffix(".error.parquet") for i in self._files()
+            i.base_name.removesuffix(".error.parquet")
+            for i in self._files()
             if i.base_name.endswith(".error.parquet")
         } - self.finished_ids()
 
@@ -158,8 +161,8 @@ class ResultStore:
         now = time.time()
         removed = 0
         for info in infos:
-            if info.base_name.startswith(".tmp-") and info.mtime is not None:
-                if now - info.mtime.timestamp() >= older_than_s:
-                    self._delete(info.path)
-                    removed += 1
+            stale = info.mtime is not None and now - info.mtime.timestamp() >= older_than_s
+            if info.base_name.startswith(".tmp-") and stale:
+                self._delete(info.path)
+                removed += 1
         return removed

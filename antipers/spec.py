@@ -157,7 +157,9 @@ class ExperimentSpec:
         kwargs["seed"] = coerce(merged["seed"], int, "seed")
         kwargs["resolution"] = coerce(merged["resolution"], int, "resolution")
         if kwargs["resolution"] < 8 or kwargs["resolution"] % 8:
-            raise SpecError(f"resolution: expected a positive multiple of 8, got {merged['resolution']}")
+            raise SpecError(
+                f"resolution: expected a positive multiple of 8, got {merged['resolution']}"
+            )
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -184,7 +186,9 @@ class ExperimentSpec:
     def spec_id(self) -> str:
         """First 16 hex digits of the SHA-256 of the canonical JSON; stable across processes."""
         if not self._id:
-            object.__setattr__(self, "_id", hashlib.sha256(self.to_json().encode()).hexdigest()[:16])
+            object.__setattr__(
+                self, "_id", hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+            )
         return self._id
 
     def override(self, changes: Mapping[str, Any]) -> ExperimentSpec:
@@ -214,7 +218,9 @@ class ExperimentSpec:
 
 
 def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    )
 
 
 def _jsonable(value: Any) -> Any:

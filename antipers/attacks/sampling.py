@@ -32,8 +32,9 @@ class DDIMSampler:
         from diffusers import DDIMScheduler
 
         if resolution % bundle.latent_factor:
+            factor = bundle.latent_factor
             raise ValueError(
-                f"resolution {resolution} is not a multiple of the VAE factor {bundle.latent_factor}"
+                f"resolution {resolution} is not a multiple of the VAE factor {factor}"
             )
         side = resolution // bundle.latent_factor
         scheduler = DDIMScheduler.from_config(bundle.scheduler.config)

@@ -169,7 +169,11 @@ class PlainFolders:
         sets = self.photo_sets(identity)
 
         def batch(paths: list[Path]) -> torch.Tensor:
-            return read_images(paths, resolution) if paths else torch.zeros(0, 3, resolution, resolution)
+            return (
+                read_images(paths, resolution)
+                if paths
+                else torch.zeros(0, 3, resolution, resolution)
+            )
 
         return IdentitySet(
             dataset=self.label,

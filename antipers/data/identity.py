@@ -33,7 +33,9 @@ class IdentitySet:
         for name in SETS:
             images = getattr(self, name)
             if images.ndim != 4 or images.shape[1] != 3:
-                raise ValueError(f"{self.identity}.{name}: expected (N, 3, H, W), got {tuple(images.shape)}")
+                raise ValueError(
+                    f"{self.identity}.{name}: expected (N, 3, H, W), got {tuple(images.shape)}"
+                )
 
     @property
     def resolution(self) -> int:

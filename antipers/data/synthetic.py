@@ -61,8 +61,10 @@ class SyntheticDataset:
     def index(self, identity: str) -> int:
         if identity not in self.identities():
             raise DatasetError(
-                [f"synthetic: no identity {identity!r}; this dataset has "
-                 f"{PREFIX}0000 .. {PREFIX}{self.n_identities - 1:04d}"]
+                [
+                    f"synthetic: no identity {identity!r}; this dataset has "
+                    f"{PREFIX}0000 .. {PREFIX}{self.n_identities - 1:04d}"
+                ]
             )
         return int(identity.removeprefix(PREFIX))
 

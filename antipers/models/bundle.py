@@ -77,7 +77,9 @@ class DiffusionBundle:
         return float(self.vae.config.scaling_factor)
 
     # ---- shared operations -----------------------------------------------------------
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Images in ``[0, 1]`` to scaled latents (a sample when ``generator`` is given,
         else the mean). Differentiable, for PGD through the VAE."""
         x = images.to(self.device) * 2.0 - 1.0

@@ -31,7 +31,11 @@ def models_dir() -> Path:
 def check_folder(path: Path, label: str) -> None:
     missing = [s for s in SUBFOLDERS if not (path / s).is_dir()]
     if not path.is_dir() or missing:
-        what = "does not exist" if not path.is_dir() else f"lacks {', '.join(s + '/' for s in missing)}"
+        what = (
+            "does not exist"
+            if not path.is_dir()
+            else f"lacks {', '.join(s + '/' for s in missing)}"
+        )
         raise ModelNotFoundError(
             f"base model {label!r}: {path} {what}. Expected a diffusers folder "
             f"(model_index.json with {', '.join(s + '/' for s in SUBFOLDERS)}), e.g. saved by "

@@ -51,7 +51,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 @functools.lru_cache(maxsize=1)
 def _vocab_and_merges() -> tuple[dict[str, int], list[str]]:
-    lines = gzip.open(find_bpe_vocab()).read().decode("utf-8").split("\n")
+    with gzip.open(find_bpe_vocab()) as fh:
+        lines = fh.read().decode("utf-8").split("\n")
     merges = lines[1 : N_MERGES + 1]
     symbols = list(_bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols]

@@ -1,0 +1,214 @@
+"""The ``antipers`` command."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from antipers.registry import REGISTRIES, RegistryError, SpecError
+
+
+class CLIError(Exception):
+    """A user mistake: printed as ``error: ...`` with exit status 2."""
+
+
+def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CLIError(f"--set {item!r}: expected KEY=VALUE, e.g. --set defense.eps=6")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _print_rows(rows: list[dict[str, Any]]) -> None:
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    if (df["status"] == "error").any():
+        print(f"FAILED {rows[0]['spec_id']}:\n{rows[0]['error']}")
+        return
+    agg = df[df["image_index"] == -1]
+    cols = ["spec_id", "identity", "defense", "attack", "metric", "value", "backend"]
+    print(agg[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"({len(df)} rows: {len(agg)} aggregates + per-image values)")
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from antipers.pipeline import RunContext, run_and_store
+    from antipers.results import ResultStore
+    from antipers.spec import load_spec
+
+    spec = load_spec(args.spec)
+    if args.set:
+        spec = spec.override(_parse_set(args.set))
+    print(f"experiment {spec.spec_id}: {spec.describe()}", file=sys.stderr)
+    store = ResultStore(args.store)
+    context = RunContext(device=_device(args.device))
+    rows, ran = run_and_store(
+        spec,
+        store,
+        context,
+        force=args.force,
+        progress=lambda stage: print(f"  [{spec.spec_id}] {stage}", file=sys.stderr),
+    )
+    if not ran:
+        print(
+            f"already in {args.store}: {spec.spec_id} (use --force to run again)", file=sys.stderr
+        )
+    _print_rows(rows)
+    return 1 if any(r["status"] == "error" for r in rows) else 0
+
+
+def _device(name: str | None) -> Any:
+    from antipers.device import pick_device
+
+    try:
+        return pick_device(name)
+    except RuntimeError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from antipers.data.folders import open_folder
+    from antipers.data.identity import DatasetError
+
+    try:
+        dataset = open_folder(args.dir, args.min_photos)
+    except DatasetError as exc:
+        print("\n".join(exc.problems))
+        return 1
+    problems = dataset.check()
+    layout = type(dataset).__name__
+    if problems:
+        print(f"{args.dir}: {len(problems)} problem(s) ({layout}):")
+        print("\n".join(f"  {p}" for p in problems))
+        return 1
+    identities = dataset.identities()
+    print(f"{args.dir}: ok ({layout}), {len(identities)} identities")
+    for identity in identities:
+        counts = {k: len(v) for k, v in dataset.photo_sets(identity).items()}
+        print(f"  {identity}: " + ", ".join(f"{k} {n}" for k, n in counts.items()))
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from antipers.data.synthetic import SyntheticDataset
+    from antipers.images import write_png
+
+    if args.identities < 1:
+        raise CLIError(f"--identities: expected a positive number, got {args.identities}")
+    dataset = SyntheticDataset(args.identities, args.photos_per_set, args.nudge, args.seed)
+    out = Path(args.out)
+    for identity in dataset.identities():
+        photos = dataset.load(identity, args.resolution)
+        for name, images in [
+            ("set_A", photos.set_A),
+            ("set_B", photos.set_B),
+            ("set_C", photos.set_C),
+        ]:
+            write_png(images, [out / identity / name / f"{i:02d}.png" for i in range(len(images))])
+        print(f"  {out / identity}", file=sys.stderr)
+    print(f"wrote {args.identities} synthetic identities to {out}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    kinds = [args.kind] if args.kind else list(REGISTRIES)
+    for kind in kinds:
+        registry = REGISTRIES[kind]
+        print(f"{kind}:")
+        for name in registry.names():
+            cls = registry.get(name)
+            doc = (cls.__doc__ or "").strip().split("\n")[0]
+            print(f"  {name:<14} {doc}")
+            for p in registry.params(name):
+                default = "(required)" if p.default is dataclasses.MISSING else f"= {p.default!r}"
+                print(f"      {p.name}: {p.type_name} {default}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="antipers",
+        description="Evaluate privacy defenses against personalized text-to-image diffusion.",
+    )
+    parser.add_argument(
+        "--models-dir", help="folder of local diffusers base models (sets $ANTIPERS_MODELS_DIR)"
+    )
+    parser.add_argument(
+        "--data-dir", help="folder holding celeba-hq/, vggface2/ (sets $ANTIPERS_DATA_DIR)"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("experiment", help="run one experiment spec in-process and store its rows")
+    p.add_argument("spec", help="experiment spec (YAML or JSON)")
+    p.add_argument("--store", required=True, help="result store: a folder or a pyarrow.fs URI")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec field, e.g. --set attack.steps=50 (repeatable)",
+    )
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--force", action="store_true", help="run even if the store has this spec_id")
+    p.set_defaults(func=cmd_experiment)
+
+    data = sub.add_parser("data", help="dataset folders: check, synthesize")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    p = dsub.add_parser(
+        "check",
+        help="validate a dataset folder (Anti-DreamBooth layout or per-identity photo folders)",
+    )
+    p.add_argument("dir")
+    p.add_argument("--min-photos", type=int, default=2, help="fewest photos per set (default 2)")
+    p.set_defaults(func=cmd_data_check)
+    p = dsub.add_parser("synth", help="write synthetic identities in the Anti-DreamBooth layout")
+    p.add_argument("--identities", type=int, required=True, help="how many people")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--resolution", type=int, default=256, help="photo side in pixels (default 256)")
+    p.add_argument("--photos-per-set", type=int, default=4, help="photos in each set (default 4)")
+    p.add_argument("--nudge", type=float, default=0.15, help="per-photo latent variation")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data_synth)
+
+    p = sub.add_parser("list", help="registered components with their parameters and defaults")
+    p.add_argument("kind", nargs="?", choices=list(REGISTRIES), help="one kind only")
+    p.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import logging
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if args.models_dir:
+        os.environ["ANTIPERS_MODELS_DIR"] = str(Path(args.models_dir).expanduser().absolute())
+    if args.data_dir:
+        os.environ["ANTIPERS_DATA_DIR"] = str(Path(args.data_dir).expanduser().absolute())
+    try:
+        return args.func(args)
+    except (CLIError, SpecError, RegistryError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Shared fixtures: the tiny base model, built once; the real sample photos where present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = Path(
+    os.environ.get("ANTIPERS_SAMPLE_DATA", REPO.parent / "shared" / "data" / "vggface2-sample")
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle():
+    from antipers.models.tiny import TinyModel
+
+    return TinyModel(seed=0).load(torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    if not (SAMPLE / "n000050" / "set_A").is_dir():
+        pytest.skip(
+            f"real sample photos not found at {SAMPLE} (they exist only on the build machines)"
+        )
+    return SAMPLE
+
+
+def tiny_spec_dict(**overrides):
+    """A fast experiment: tiny model, synthetic people, a few LoRA and DDIM steps."""
+    base = {
+        "suite": "test",
+        "base_model": "tiny",
+        "dataset": {"name": "synthetic", "n_identities": 2},
+        "identity": "synth-0001",
+        "attack": {"name": "lora", "steps": 3},
+        "sampling": {"name": "ddim", "steps": 3, "images_per_prompt": 1},
+        "resolution": 64,
+    }
+    base.update(overrides)
+    return base
