@@ -196,6 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    # bitsandbytes (pulled in by peft) warns at import about an optional CPU kernel
+    # package; it has no bearing on antipers, which never quantizes.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if args.models_dir:
         os.environ["ANTIPERS_MODELS_DIR"] = str(Path(args.models_dir).expanduser().absolute())
     if args.data_dir:

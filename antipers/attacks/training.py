@@ -3,12 +3,15 @@ surrogate training of the PGD defenses: denoising loss on (image, prompt) batche
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 
 from antipers.models.bundle import DiffusionBundle
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ def finetune(
     fixed_embeds = None
     losses: list[float] = []
     batches = batch_indices(images.shape[0], config.batch_size, generator)
+    every = max(1, config.steps // 10)
     try:
         for step in range(config.steps):
             idx = next(batches)
@@ -73,6 +77,8 @@ def finetune(
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             losses.append(float(loss.detach()))
+            if (step + 1) % every == 0 or step + 1 == config.steps:
+                log.info("finetune step %d/%d loss %.4f", step + 1, config.steps, losses[-1])
             if on_step is not None:
                 on_step(step, losses[-1])
     finally:
