@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from antipers import __version__
+from antipers.attacks.countermeasures import AttackEnv
 from antipers.device import pick_device
 from antipers.images import check_images
 from antipers.models.bundle import DiffusionBundle
@@ -33,7 +34,7 @@ from antipers.registry import (
     SAMPLERS,
 )
 from antipers.results import AGGREGATE_INDEX, ERROR, OK, SCHEMA_VERSION, ResultStore
-from antipers.spec import ComponentSpec, ExperimentSpec
+from antipers.spec import ComponentSpec, ExperimentSpec, canonical_json
 
 log = logging.getLogger(__name__)
 STAGES = ("load", "protect", "countermeasure", "personalize", "sample", "score")
@@ -49,7 +50,9 @@ class RunContext:
 
     def base_model(self, spec: ComponentSpec) -> DiffusionBundle:
         if spec not in self._bundles:
-            self._bundles[spec] = spec.build(BASE_MODELS).load(self.device)
+            bundle = spec.build(BASE_MODELS).load(self.device)
+            bundle.fingerprint = canonical_json(spec.to_dict())
+            self._bundles[spec] = bundle
         return self._bundles[spec]
 
     def dataset(self, spec: ComponentSpec) -> Any:
@@ -76,8 +79,8 @@ def _base_row(spec: ExperimentSpec, started: datetime) -> dict[str, Any]:
         "base_model": spec.base_model.name,
         "defense": spec.defense.name,
         "defense_params": spec.defense.params_json(),
-        "countermeasure": spec.countermeasure.name,
-        "countermeasure_params": spec.countermeasure.params_json(),
+        "countermeasure": spec.countermeasure_name,
+        "countermeasure_params": spec.countermeasure_json(),
         "attack": spec.attack.name,
         "attack_params": spec.attack.params_json(),
         "seed": spec.seed,
@@ -96,13 +99,19 @@ def _stages(spec: ExperimentSpec, ctx: RunContext, progress: ProgressFn) -> list
     progress("load")
     bundle = ctx.base_model(spec.base_model)
     identity = ctx.dataset(spec.dataset).load(spec.identity, spec.resolution)
+    countermeasures = [c.build(COUNTERMEASURES) for c in spec.countermeasure]
+    for countermeasure in countermeasures:  # fail before the expensive stages
+        if hasattr(countermeasure, "check"):
+            countermeasure.check(identity)
     progress("protect")
     protected = spec.defense.build(DEFENSES).protect(identity, bundle, _rng(spec.seed, "protect"))
     check_images(protected.images, f"defense {spec.defense.name!r} output")
     progress("countermeasure")
-    countermeasure = spec.countermeasure.build(COUNTERMEASURES)
-    train_images = countermeasure.apply(protected.images, _rng(spec.seed, "countermeasure"))
-    check_images(train_images, f"countermeasure {spec.countermeasure.name!r} output")
+    env = AttackEnv(bundle, identity, _rng(spec.seed, "countermeasure"))
+    train_images = protected.images
+    for cspec, countermeasure in zip(spec.countermeasure, countermeasures, strict=True):
+        train_images = countermeasure.apply(train_images, env)
+        check_images(train_images, f"countermeasure {cspec.name!r} output")
     if protected.personalized is not None:
         personalized = protected.personalized
     else:

@@ -230,8 +230,18 @@ for _name, _target in [
     DATASETS.register(_name, _target)
 
 DEFENSES.register("none", "antipers.defenses.none:NoDefense")
-COUNTERMEASURES.register("none", "antipers.attacks.countermeasures:NoCountermeasure")
+for _name, _target in [
+    ("none", "antipers.attacks.countermeasures:NoCountermeasure"),
+    ("jpeg", "antipers.attacks.countermeasures:JPEG"),
+    ("resize", "antipers.attacks.countermeasures:Resize"),
+    ("blur", "antipers.attacks.countermeasures:Blur"),
+    ("flip", "antipers.attacks.countermeasures:Flip"),
+    ("purify", "antipers.attacks.countermeasures:Purify"),
+    ("mix", "antipers.attacks.countermeasures:Mix"),
+]:
+    COUNTERMEASURES.register(_name, _target)
+ATTACKS.register("dreambooth", "antipers.attacks.dreambooth:DreamBooth")
 ATTACKS.register("lora", "antipers.attacks.lora:LoRADreamBooth")
-SAMPLERS.register("ddim", "antipers.attacks.sampling:DDIMSampler")
+SAMPLERS.register("cfg", "antipers.attacks.sampling:GuidedSampler")
 METRICS.register("fdfr", "antipers.metrics.identity:FDFR")
 METRICS.register("ism", "antipers.metrics.identity:ISM")

@@ -76,7 +76,23 @@ class ComponentSpec:
         except RegistryError as exc:
             raise SpecError(f"{where}: {exc}") from None
         full = validate_params(where, name, cls_, params)
+        try:  # run the component's own checks (ranges, combinations) now, before any work
+            cls_(**full)
+        except (ValueError, TypeError) as exc:
+            raise SpecError(f"{where} {name!r}: {exc}") from None
         return cls(name, tuple(sorted(full.items())))
+
+    @classmethod
+    def parse_chain(
+        cls, value: Any, registry: Registry[Any], where: str
+    ) -> tuple[ComponentSpec, ...]:
+        """A list of components applied in order; one component alone is a chain of
+        one, and ``none`` entries are dropped (the empty chain is ``none``)."""
+        if value is None:
+            return ()
+        items = value if isinstance(value, (list, tuple)) else [value]
+        chain = (cls.parse(v, registry, f"{where}[{i}]") for i, v in enumerate(items))
+        return tuple(c for c in chain if c.name != "none")
 
     def build(self, registry: Registry[Any]) -> Any:
         return registry.get(self.name)(**self.kwargs)
@@ -86,7 +102,6 @@ _COMPONENTS: dict[str, Registry[Any]] = {
     "base_model": BASE_MODELS,
     "dataset": DATASETS,
     "defense": DEFENSES,
-    "countermeasure": COUNTERMEASURES,
     "attack": ATTACKS,
     "sampling": SAMPLERS,
 }
@@ -97,7 +112,7 @@ _DEFAULTS: dict[str, Any] = {
     "protocol": PROTOCOL,
     "defense": "none",
     "countermeasure": "none",
-    "sampling": "ddim",
+    "sampling": "cfg",
     "metrics": ["fdfr", "ism"],
     "resolution": 512,
     "seed": 0,
@@ -114,7 +129,7 @@ class ExperimentSpec:
     identity: str
     attack: ComponentSpec
     defense: ComponentSpec
-    countermeasure: ComponentSpec
+    countermeasure: tuple[ComponentSpec, ...]
     sampling: ComponentSpec
     metrics: tuple[ComponentSpec, ...]
     suite: str = "default"
@@ -142,6 +157,9 @@ class ExperimentSpec:
         kwargs: dict[str, Any] = {
             key: ComponentSpec.parse(merged[key], reg, key) for key, reg in _COMPONENTS.items()
         }
+        kwargs["countermeasure"] = ComponentSpec.parse_chain(
+            merged["countermeasure"], COUNTERMEASURES, "countermeasure"
+        )
         metrics = merged["metrics"]
         if isinstance(metrics, (str, Mapping)) or not isinstance(metrics, (list, tuple)):
             raise SpecError(f"metrics: expected a list of metric names, got {metrics!r}")
@@ -170,7 +188,7 @@ class ExperimentSpec:
             value = getattr(self, f.name)
             if isinstance(value, ComponentSpec):
                 value = value.to_dict()
-            elif f.name == "metrics":
+            elif f.name in ("metrics", "countermeasure"):
                 value = [m.to_dict() for m in value]
             out[f.name] = value
         return out
@@ -192,29 +210,49 @@ class ExperimentSpec:
         return self._id
 
     def override(self, changes: Mapping[str, Any]) -> ExperimentSpec:
-        """A validated variant: ``{"defense.eps": 6, "seed": 1, "attack": "lora"}``.
-
-        Replacing a component's name (``"defense": "aspl"``) drops the old parameters.
-        """
+        """A validated variant: ``{"defense.eps": 6, "seed": 1, "countermeasure.0.quality":
+        50}`` (list entries by index). Replacing a component (``"defense": "aspl"``) drops
+        the old parameters."""
         data = self.to_dict()
         for dotted, value in changes.items():
-            head, _, rest = dotted.partition(".")
-            if head not in data:
-                raise SpecError(f"override {dotted!r}: unknown spec field {head!r}")
-            if not rest:
-                data[head] = copy.deepcopy(value)
-                continue
-            target = data[head]
-            if not isinstance(target, dict) or "." in rest:
-                raise SpecError(f"override {dotted!r}: {head!r} has no parameter {rest!r}")
-            target[rest] = value
+            *path, last = dotted.split(".")
+            if (path[0] if path else last) not in data:
+                field_name = path[0] if path else last
+                raise SpecError(f"override {dotted!r}: unknown spec field {field_name!r}")
+            target: Any = data
+            for part in path:
+                target = _step(target, part, dotted)
+            if isinstance(target, list):
+                _step(target, last, dotted)
+                target[int(last)] = copy.deepcopy(value)
+            elif isinstance(target, dict):
+                target[last] = copy.deepcopy(value)
+            else:
+                raise SpecError(f"override {dotted!r}: {path[-1]!r} has no parameters")
         return ExperimentSpec.from_dict(data)
+
+    @property
+    def countermeasure_name(self) -> str:
+        return "+".join(c.name for c in self.countermeasure) or "none"
+
+    def countermeasure_json(self) -> str:
+        return canonical_json([c.to_dict() for c in self.countermeasure])
 
     def describe(self) -> str:
         return (
-            f"{self.track}/{self.defense.name}+{self.countermeasure.name}->{self.attack.name} "
+            f"{self.track}/{self.defense.name}+{self.countermeasure_name}->{self.attack.name} "
             f"on {self.base_model.name}:{self.dataset.name}/{self.identity} seed={self.seed}"
         )
+
+
+def _step(target: Any, part: str, dotted: str) -> Any:
+    if isinstance(target, list):
+        if not part.isdigit() or int(part) >= len(target):
+            raise SpecError(f"override {dotted!r}: {part!r} is not an index below {len(target)}")
+        return target[int(part)]
+    if isinstance(target, dict) and part in target:
+        return target[part]
+    raise SpecError(f"override {dotted!r}: no {part!r} here")
 
 
 def canonical_json(value: Any) -> str:

@@ -70,8 +70,12 @@ def main() -> None:
         (grad,) = torch.autograd.grad(loss, x)
         (x + 0.005 * grad.sign()).clamp(0, 1)
 
-    sampler = DDIMSampler(prompts=("a photo of sks person",), images_per_prompt=args.batch,
-                          steps=1, batch_size=args.batch)
+    sampler = DDIMSampler(
+        prompts=("a photo of sks person",),
+        images_per_prompt=args.batch,
+        steps=1,
+        batch_size=args.batch,
+    )
 
     def sample_step() -> None:
         sampler.sample(bundle, args.resolution, gen)
@@ -84,8 +88,10 @@ def main() -> None:
     ]
     base = rows[0][1]
     latent = args.resolution // bundle.latent_factor
-    print(f"{args.model} on {device}, batch {args.batch}, {args.resolution}px -> {latent} latent, "
-          f"median of {args.repeats}")
+    print(
+        f"{args.model} on {device}, batch {args.batch}, {args.resolution}px -> {latent} latent, "
+        f"median of {args.repeats}"
+    )
     print(f"{'operation':<26}{'seconds':>10}{'x baseline':>12}")
     for name, secs in rows:
         print(f"{name:<26}{secs:>10.4f}{secs / base:>12.2f}")

@@ -14,6 +14,19 @@ SAMPLE = Path(
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Class images and other caches go to a per-session folder, never ~/.cache."""
+    path = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("ANTIPERS_CACHE_DIR")
+    os.environ["ANTIPERS_CACHE_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("ANTIPERS_CACHE_DIR", None)
+    else:
+        os.environ["ANTIPERS_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle():
     from antipers.models.tiny import TinyModel
@@ -37,8 +50,8 @@ def tiny_spec_dict(**overrides):
         "base_model": "tiny",
         "dataset": {"name": "synthetic", "n_identities": 2},
         "identity": "synth-0001",
-        "attack": {"name": "lora", "steps": 3},
-        "sampling": {"name": "ddim", "steps": 3, "images_per_prompt": 1},
+        "attack": {"name": "lora", "steps": 3, "prior_weight": 0.0},
+        "sampling": {"name": "cfg", "steps": 3, "images_per_prompt": 1},
         "resolution": 64,
     }
     base.update(overrides)

@@ -16,14 +16,14 @@ GOLDEN = {
     "dataset": {"name": "synthetic", "n_identities": 3},
     "identity": "synth-0002",
     "attack": {"name": "lora", "steps": 50, "lr": 1e-4},
-    "sampling": {"name": "ddim", "steps": 25},
+    "sampling": {"name": "cfg", "steps": 25},
     "metrics": ["fdfr", "ism"],
     "resolution": 64,
     "seed": 7,
 }
 # Changing canonical JSON (field names, defaults, number formatting) changes every stored
 # spec_id and breaks resume; this pin makes that a deliberate decision.
-GOLDEN_ID = "100d70febfdae0be"
+GOLDEN_ID = "6cadee178f994a06"
 
 
 def test_yaml_json_round_trip(tmp_path):
@@ -92,7 +92,11 @@ def test_unknown_component_lists_known_names():
     with pytest.raises(SpecError) as err:
         ExperimentSpec.from_dict(tiny_spec_dict(attack="lroa"))
     msg = str(err.value)
-    assert "unknown attack 'lroa'" in msg and "Did you mean 'lora'" in msg and "Known: lora" in msg
+    assert (
+        "unknown attack 'lroa'" in msg
+        and "Did you mean 'lora'" in msg
+        and "Known: dreambooth, lora" in msg
+    )
 
 
 def test_wrong_type_names_field_and_expected_type():
@@ -103,7 +107,7 @@ def test_wrong_type_names_field_and_expected_type():
     with pytest.raises(SpecError, match="resolution: expected a positive multiple of 8"):
         ExperimentSpec.from_dict(tiny_spec_dict(resolution=30))
     with pytest.raises(SpecError, match=r"sampling\.prompts: expected a list"):
-        ExperimentSpec.from_dict(tiny_spec_dict(sampling={"name": "ddim", "prompts": "a"}))
+        ExperimentSpec.from_dict(tiny_spec_dict(sampling={"name": "cfg", "prompts": "a"}))
 
 
 def test_unknown_and_missing_fields():

@@ -1,15 +1,183 @@
-"""What an attacker does to the photos before personalizing on them."""
+"""What an attacker does to the photos before personalizing on them.
+
+Each countermeasure maps the image contract to itself; a spec chains them
+(``countermeasure: [{name: jpeg, quality: 75}, {name: resize, factor: 2}]``).
+``check`` runs before any work starts, so a setting the identity cannot satisfy
+(``mix`` with more photos than the set has) fails at once.
+"""
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
+from typing import Literal
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+
+from antipers.data.identity import IdentitySet
+from antipers.images import from_uint8, to_uint8
+from antipers.models.bundle import DiffusionBundle
+
+
+@dataclass
+class AttackEnv:
+    """What a countermeasure may use besides the photos."""
+
+    bundle: DiffusionBundle
+    identity: IdentitySet
+    generator: torch.Generator
 
 
 @dataclass(frozen=True)
 class NoCountermeasure:
     """Train on the published photos as they are."""
 
-    def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def apply(self, images: torch.Tensor, env: AttackEnv) -> torch.Tensor:
         return images
+
+
+@dataclass(frozen=True)
+class JPEG:
+    """JPEG compression at ``quality`` (the literature uses 50-90)."""
+
+    quality: int = 75
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"quality: expected 1..100, got {self.quality}")
+
+    def apply(self, images: torch.Tensor, env: AttackEnv) -> torch.Tensor:
+        from PIL import Image
+
+        out = []
+        for arr in to_uint8(images):
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, format="JPEG", quality=self.quality)
+            buf.seek(0)
+            out.append(np.asarray(Image.open(buf).convert("RGB")))
+        return from_uint8(np.stack(out)).to(images.device)
+
+
+@dataclass(frozen=True)
+class Resize:
+    """Down by ``factor`` and back up (x2, x4 in the literature): removes high frequencies."""
+
+    factor: float = 2.0
+    mode: Literal["bilinear", "bicubic", "area", "nearest"] = "bicubic"
+
+    def __post_init__(self) -> None:
+        if self.factor < 1:
+            raise ValueError(f"factor: expected >= 1, got {self.factor}")
+
+    def apply(self, images: torch.Tensor, env: AttackEnv) -> torch.Tensor:
+        h, w = images.shape[-2:]
+        small = (max(1, round(h / self.factor)), max(1, round(w / self.factor)))
+        kw = {"antialias": True} if self.mode in ("bilinear", "bicubic") else {}
+        down = F.interpolate(images, size=small, mode=self.mode, **kw)
+        return F.interpolate(down, size=(h, w), mode=self.mode, **kw).clamp(0, 1)
+
+
+@dataclass(frozen=True)
+class Blur:
+    """Gaussian blur (kernel 5-7 in the literature)."""
+
+    kernel: int = 5
+    sigma: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"kernel: expected an odd size >= 1, got {self.kernel}")
+        if self.sigma <= 0:
+            raise ValueError(f"sigma: expected > 0, got {self.sigma}")
+
+    def apply(self, images: torch.Tensor, env: AttackEnv) -> torch.Tensor:
+        from torchvision.transforms.functional import gaussian_blur
+
+        return gaussian_blur(images, [self.kernel, self.kernel], [self.sigma, self.sigma])
+
+
+@dataclass(frozen=True)
+class Flip:
+    """Horizontal flip of each photo with probability ``p`` (1: every photo)."""
+
+    p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.p <= 1:
+            raise ValueError(f"p: expected 0..1, got {self.p}")
+
+    def apply(self, images: torch.Tensor, env: AttackEnv) -> torch.Tensor:
+        chosen = torch.rand(images.shape[0], generator=env.generator) < self.p
+        out = images.clone()
+        out[chosen.to(images.device)] = images[chosen.to(images.device)].flip(-1)
+        return out
+
+
+@dataclass(frozen=True)
+class Purify:
+    """DiffPure-style purification with the base model: noise each photo to timestep
+    ``t`` and denoise it back with ``steps`` DDIM steps (unconditional). ``t=0`` is
+    the identity."""
+
+    t: int = 100
+    steps: int = 20
+
+    def __post_init__(self) -> None:
+        if self.t < 0 or self.steps < 1:
+            raise ValueError(f"t must be >= 0 and steps >= 1, got t={self.t}, steps={self.steps}")
+
+    def apply(self, images: torch.Tensor, env: AttackEnv) -> torch.Tensor:
+        if self.t == 0:
+            return images
+        from diffusers import DDIMScheduler
+
+        bundle = env.bundle
+        train_steps = int(bundle.scheduler.config.num_train_timesteps)
+        if self.t >= train_steps:
+            raise ValueError(f"purify.t: expected < {train_steps}, got {self.t}")
+        sched = DDIMScheduler.from_config(bundle.scheduler.config)
+        sched.set_timesteps(max(1, round(self.steps * train_steps / self.t)), device=bundle.device)
+        timesteps = [t for t in sched.timesteps if t <= self.t]
+        with torch.no_grad():
+            latents = bundle.encode(images, env.generator)
+            start = torch.full((latents.shape[0],), self.t, device=bundle.device)
+            noisy = bundle.scheduler.add_noise(
+                latents, bundle.noise_like(latents, env.generator), start
+            )
+            embeds = bundle.prompt_embeds([""]).expand(latents.shape[0], -1, -1)
+            for t in timesteps:
+                with bundle.autocast():
+                    eps = bundle.unet(noisy, t, encoder_hidden_states=embeds).sample
+                noisy = sched.step(eps.float(), t, noisy).prev_sample
+            return bundle.decode(noisy).to(images.device)
+
+
+@dataclass(frozen=True)
+class Mix:
+    """Replace ``k`` of the protected photos by clean ones from ``set_C``: the "one
+    clean photo slipped in" setting of the literature (APDM's ablation)."""
+
+    k: int = 1
+
+    def __post_init__(self) -> None:
+        if self.k < 0:
+            raise ValueError(f"k: expected >= 0, got {self.k}")
+
+    def check(self, identity: IdentitySet, n_protected: int | None = None) -> None:
+        n_clean = identity.set_C.shape[0]
+        n_pub = identity.set_B.shape[0] if n_protected is None else n_protected
+        if self.k > min(n_clean, n_pub):
+            raise ValueError(
+                f"mix.k={self.k}: identity {identity.identity!r} has {n_pub} published and "
+                f"{n_clean} clean (set_C) photos; k must be at most {min(n_clean, n_pub)}"
+            )
+
+    def apply(self, images: torch.Tensor, env: AttackEnv) -> torch.Tensor:
+        self.check(env.identity, images.shape[0])
+        out = images.clone()
+        slots = torch.randperm(images.shape[0], generator=env.generator)[: self.k]
+        clean = torch.randperm(env.identity.set_C.shape[0], generator=env.generator)[: self.k]
+        out[slots] = env.identity.set_C[clean].to(images.device, images.dtype)
+        return out

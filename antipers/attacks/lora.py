@@ -1,5 +1,5 @@
-"""LoRA DreamBooth: the cheap attacker. Low-rank adapters on the UNet's attention
-projections, trained on the (protected) photos with the instance prompt."""
+"""LoRA DreamBooth: the cheap attacker. Low-rank adapters (peft) on the attention
+projections of copies of the UNet and, optionally, the text encoder."""
 
 from __future__ import annotations
 
@@ -8,47 +8,58 @@ from dataclasses import dataclass
 
 import torch
 
-from antipers.attacks.training import TrainConfig, finetune
+from antipers.attacks.personalize import Personalization
 from antipers.models.bundle import DiffusionBundle
 
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 @dataclass(frozen=True)
-class LoRADreamBooth:
-    """Protocol values: rank 4+, lr 1e-4, 1000-2000 steps; defaults are the protocol's
-    low end so the attacker is as the field runs it."""
+class LoRADreamBooth(Personalization):
+    """LoRA DreamBooth (protocol: rank 4+, lr 1e-4, 1000-2000 steps); base weights untouched."""
 
-    steps: int = 1000
     lr: float = 1e-4
+    train_text_encoder: bool = False
     rank: int = 4
     alpha: float = 4.0
-    batch_size: int = 2
-    instance_prompt: str = "a photo of sks person"
+    target_modules: tuple[str, ...] = UNET_TARGETS
+    text_target_modules: tuple[str, ...] = TEXT_TARGETS
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.rank < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("lora: steps, rank, batch_size must be >= 1 and lr > 0")
+        super().__post_init__()
+        if self.rank < 1:
+            raise ValueError(f"rank: expected >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha: expected > 0, got {self.alpha}")
+        if not self.target_modules:
+            raise ValueError("target_modules: name at least one UNet module")
 
-    def personalize(
-        self, images: torch.Tensor, bundle: DiffusionBundle, generator: torch.Generator
-    ) -> DiffusionBundle:
-        """A new bundle whose UNet (a copy) carries trained LoRA adapters; the
-        resident base model is not touched."""
+    def trainable(
+        self, bundle: DiffusionBundle, generator: torch.Generator
+    ) -> tuple[DiffusionBundle, list[torch.nn.Parameter]]:
         from peft import LoraConfig
 
-        unet = copy.deepcopy(bundle.unet)
-        unet.add_adapter(
-            LoraConfig(
-                r=self.rank,
-                lora_alpha=self.alpha,
-                init_lora_weights="gaussian",
-                target_modules=list(LORA_TARGETS),
-            )
-        )
-        trained = bundle.replace(unet=unet)
-        params = [p for p in unet.parameters() if p.requires_grad]
-        config = TrainConfig(steps=self.steps, lr=self.lr, batch_size=self.batch_size)
-        finetune(trained, images, self.instance_prompt, params, config, generator)
-        unet.requires_grad_(False)
-        return trained
+        # peft initialises adapters from the global RNG: seed it from ours, locally.
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        parts = {"unet": self.target_modules}
+        if self.train_text_encoder:
+            parts["text_encoder"] = self.text_target_modules
+        copies = {}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for name, targets in parts.items():
+                module = copy.deepcopy(getattr(bundle, name))
+                config = LoraConfig(
+                    r=self.rank,
+                    lora_alpha=self.alpha,
+                    init_lora_weights="gaussian",
+                    target_modules=list(targets),
+                )
+                try:
+                    module.add_adapter(config)
+                except ValueError as exc:
+                    raise ValueError(f"lora on {name}: {exc}") from exc
+                copies[name] = module
+        params = [p for m in copies.values() for p in m.parameters() if p.requires_grad]
+        return bundle.replace(**copies), params

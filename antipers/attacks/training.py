@@ -1,11 +1,14 @@
-"""The one fine-tuning loop behind every personalization (LoRA, DreamBooth) and the
-surrogate training of the PGD defenses: denoising loss on (image, prompt) batches."""
+"""The one fine-tuning loop behind every personalization (DreamBooth, LoRA) and the
+surrogate training of the PGD defenses: the denoising loss on (image, prompt)
+batches, with optional prior preservation on class images."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -13,17 +16,35 @@ from antipers.models.bundle import DiffusionBundle
 
 log = logging.getLogger(__name__)
 
+LRSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine"]
+
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """``steps`` counts optimizer steps; each takes ``grad_accum`` micro-batches of
+    ``batch_size`` instance photos (plus as many class images under prior preservation)."""
+
     steps: int
     lr: float
     batch_size: int = 1
+    grad_accum: int = 1
+    lr_schedule: LRSchedule = "constant"
+    warmup_steps: int = 0
     max_grad_norm: float = 1.0
     weight_decay: float = 1e-2
+    gradient_checkpointing: bool = False
+    prior_weight: float = 0.0
 
 
-def batch_indices(n: int, batch_size: int, generator: torch.Generator) -> Iterable[torch.Tensor]:
+@dataclass
+class TrainData:
+    images: torch.Tensor
+    prompt: str
+    class_images: torch.Tensor | None = None
+    class_prompt: str = ""
+
+
+def batch_indices(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """Endless shuffled epochs over ``n`` items, ``batch_size`` at a time."""
     while True:
         order = torch.randperm(n, generator=generator)
@@ -31,57 +52,108 @@ def batch_indices(n: int, batch_size: int, generator: torch.Generator) -> Iterab
             yield order[start : start + batch_size]
 
 
+@contextlib.contextmanager
+def training_mode(
+    bundle: DiffusionBundle, text_encoder: bool, checkpointing: bool
+) -> Iterator[None]:
+    """UNet (and text encoder) in train mode, gradient checkpointing on; restored after."""
+    modules = [bundle.unet] + ([bundle.text_encoder] if text_encoder else [])
+    for module in modules:
+        module.train()
+    if checkpointing:
+        bundle.unet.enable_gradient_checkpointing()
+        if text_encoder:
+            bundle.text_encoder.gradient_checkpointing_enable()
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.eval()
+        if checkpointing:
+            bundle.unet.disable_gradient_checkpointing()
+            if text_encoder:
+                bundle.text_encoder.gradient_checkpointing_disable()
+
+
+class _Embeds:
+    """Prompt embeddings: recomputed with gradients when the text encoder trains,
+    else computed once."""
+
+    def __init__(self, bundle: DiffusionBundle, trainable: bool) -> None:
+        self.bundle, self.trainable = bundle, trainable
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, prompt: str, n: int) -> torch.Tensor:
+        if self.trainable:
+            return self.bundle.prompt_embeds([prompt] * n)
+        if prompt not in self._cache:
+            with torch.no_grad():
+                self._cache[prompt] = self.bundle.prompt_embeds([prompt])
+        return self._cache[prompt].expand(n, -1, -1)
+
+
 def finetune(
     bundle: DiffusionBundle,
-    images: torch.Tensor,
-    prompt: str,
+    data: TrainData,
     params: list[torch.nn.Parameter],
     config: TrainConfig,
     generator: torch.Generator,
     train_text_encoder: bool = False,
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """Train ``params`` (already set to require grad) of ``bundle`` on ``images``.
+    """Train ``params`` (already requiring grad) of ``bundle``; returns per-step losses.
 
-    Returns the per-step losses. The VAE stays frozen; latents are sampled from its
-    posterior each step, as DreamBooth does.
+    The VAE stays frozen; latents are sampled from its posterior each step, as
+    DreamBooth does. All randomness comes from ``generator``: repeatable on the CPU.
     """
-    if images.shape[0] == 0:
+    from diffusers.optimization import get_scheduler
+
+    if data.images.shape[0] == 0:
         raise ValueError("cannot personalize on an empty image set")
     if not params:
         raise ValueError("no trainable parameters")
-    images = images.to(bundle.device)
+    use_prior = config.prior_weight > 0 and data.class_images is not None
+    images = data.images.to(bundle.device)
+    class_images = data.class_images.to(bundle.device) if use_prior else None
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    bundle.unet.train()
-    if train_text_encoder:
-        bundle.text_encoder.train()
-    fixed_embeds = None
-    losses: list[float] = []
+    schedule = get_scheduler(
+        config.lr_schedule,
+        optimizer,
+        num_warmup_steps=config.warmup_steps,
+        num_training_steps=config.steps,
+    )
+    embeds = _Embeds(bundle, train_text_encoder)
     batches = batch_indices(images.shape[0], config.batch_size, generator)
+    class_batches = (
+        batch_indices(class_images.shape[0], config.batch_size, generator) if use_prior else None
+    )
     every = max(1, config.steps // 10)
-    try:
+    losses: list[float] = []
+    with training_mode(bundle, train_text_encoder, config.gradient_checkpointing):
         for step in range(config.steps):
-            idx = next(batches)
-            with torch.no_grad():
-                latents = bundle.encode(images[idx], generator)
-            if train_text_encoder:
-                embeds = bundle.prompt_embeds([prompt] * len(idx))
-            else:
-                if fixed_embeds is None:
+            total = 0.0
+            for _ in range(config.grad_accum):
+                idx = next(batches)
+                with torch.no_grad():
+                    latents = bundle.encode(images[idx], generator)
+                cond = embeds(data.prompt, len(idx))
+                loss = bundle.training_loss(latents, cond, generator)
+                if class_batches is not None:
+                    cidx = next(class_batches)
                     with torch.no_grad():
-                        fixed_embeds = bundle.prompt_embeds([prompt])
-                embeds = fixed_embeds.expand(len(idx), -1, -1)
-            loss = bundle.training_loss(latents, embeds, generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+                        class_latents = bundle.encode(class_images[cidx], generator)
+                    class_cond = embeds(data.class_prompt, len(cidx))
+                    prior = bundle.training_loss(class_latents, class_cond, generator)
+                    loss = loss + config.prior_weight * prior
+                (loss / config.grad_accum).backward()
+                total += float(loss.detach()) / config.grad_accum
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
-            losses.append(float(loss.detach()))
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(total)
             if (step + 1) % every == 0 or step + 1 == config.steps:
-                log.info("finetune step %d/%d loss %.4f", step + 1, config.steps, losses[-1])
+                log.info("finetune step %d/%d loss %.4f", step + 1, config.steps, total)
             if on_step is not None:
-                on_step(step, losses[-1])
-    finally:
-        bundle.unet.eval()
-        bundle.text_encoder.eval()
+                on_step(step, total)
     return losses

@@ -32,6 +32,7 @@ class DiffusionBundle:
     scheduler: Any
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
     mixed_precision: bool = True
+    fingerprint: str = ""  # what the weights are (the base model's spec); "" once trained
 
     # ---- placement -------------------------------------------------------------------
     def to(self, device: torch.device | str) -> DiffusionBundle:

@@ -1,0 +1,103 @@
+"""What DreamBooth and LoRA share: the protocol's settings, prior preservation with
+cached class images, and the call into the one training loop. A subclass says only
+which weights it trains."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from antipers.attacks.class_images import ClassImageKey, class_images
+from antipers.attacks.training import LRSchedule, TrainConfig, TrainData, finetune
+from antipers.models.bundle import DiffusionBundle
+
+
+@dataclass(frozen=True)
+class Personalization:
+    """DreamBooth as Anti-DreamBooth evaluates it (PROTOCOL.md, adb-v1)."""
+
+    steps: int = 1000
+    lr: float = 5e-7
+    batch_size: int = 2
+    grad_accum: int = 1
+    lr_schedule: LRSchedule = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    instance_prompt: str = "a photo of sks person"
+    class_prompt: str = "a photo of person"
+    prior_weight: float = 1.0
+    num_class_images: int = 200
+    class_seed: int = 0
+    class_steps: int = 50
+    train_text_encoder: bool = True
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr: expected > 0, got {self.lr}")
+        if self.warmup_steps < 0 or self.warmup_steps > self.steps:
+            raise ValueError(
+                f"warmup_steps: expected 0..steps ({self.steps}), got {self.warmup_steps}"
+            )
+        if self.prior_weight < 0:
+            raise ValueError(f"prior_weight: expected >= 0, got {self.prior_weight}")
+        if self.prior_weight > 0 and self.num_class_images < 1:
+            raise ValueError("num_class_images: prior preservation needs at least 1 class image")
+        if self.class_steps < 1:
+            raise ValueError(f"class_steps: expected >= 1, got {self.class_steps}")
+
+    # -- what a subclass decides -------------------------------------------------------
+    def trainable(
+        self, bundle: DiffusionBundle, generator: torch.Generator
+    ) -> tuple[DiffusionBundle, list[torch.nn.Parameter]]:
+        """A bundle with its own copies of the weights to train, and those parameters."""
+        raise NotImplementedError
+
+    # -- shared ------------------------------------------------------------------------
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            steps=self.steps,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            grad_accum=self.grad_accum,
+            lr_schedule=self.lr_schedule,
+            warmup_steps=self.warmup_steps,
+            max_grad_norm=self.max_grad_norm,
+            gradient_checkpointing=self.gradient_checkpointing,
+            prior_weight=self.prior_weight,
+        )
+
+    def class_images(self, bundle: DiffusionBundle, resolution: int) -> torch.Tensor | None:
+        if self.prior_weight <= 0:
+            return None
+        key = ClassImageKey(
+            model=bundle.fingerprint or bundle.name,
+            prompt=self.class_prompt,
+            count=self.num_class_images,
+            resolution=resolution,
+            seed=self.class_seed,
+            steps=self.class_steps,
+            guidance=7.5,
+            scheduler="ddim",
+        )
+        return class_images(bundle, key)[0]
+
+    def personalize(
+        self, images: torch.Tensor, bundle: DiffusionBundle, generator: torch.Generator
+    ) -> DiffusionBundle:
+        """A new bundle trained on ``images``; the resident ``bundle`` is not touched."""
+        data = TrainData(
+            images=images,
+            prompt=self.instance_prompt,
+            class_images=self.class_images(bundle, images.shape[-1]),
+            class_prompt=self.class_prompt,
+        )
+        trained, params = self.trainable(bundle, generator)
+        finetune(trained, data, params, self.train_config(), generator, self.train_text_encoder)
+        for p in params:
+            p.requires_grad_(False)
+        return trained.replace(fingerprint="")

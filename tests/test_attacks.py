@@ -1,0 +1,145 @@
+import pytest
+import torch
+
+from antipers.attacks.class_images import ClassImageKey, class_images
+from antipers.attacks.dreambooth import DreamBooth
+from antipers.attacks.lora import LoRADreamBooth
+from antipers.attacks.training import TrainConfig, TrainData, finetune
+from antipers.data.synthetic import SyntheticDataset
+from antipers.registry import SpecError
+from antipers.spec import ExperimentSpec
+from tests.conftest import tiny_spec_dict
+
+PROMPT = "a photo of sks person"
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return SyntheticDataset(n_identities=1, photos_per_set=4).load("synth-0000", 64).set_B
+
+
+def eval_loss(bundle, images, draws=8):
+    """The denoising loss on ``images`` averaged over fixed noise and timesteps."""
+    gen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        embeds = bundle.prompt_embeds([PROMPT] * len(images))
+        latents = bundle.encode(images)
+        return sum(float(bundle.training_loss(latents, embeds, gen)) for _ in range(draws)) / draws
+
+
+def unet_state(bundle):
+    return {k: v.detach().clone() for k, v in bundle.unet.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        DreamBooth(steps=40, lr=2e-4, prior_weight=0.0, train_text_encoder=True),
+        LoRADreamBooth(steps=40, lr=3e-3, rank=8, alpha=8.0, prior_weight=0.0),
+    ],
+    ids=["dreambooth", "lora"],
+)
+def test_training_lowers_the_loss_on_the_training_photos(tiny_bundle, photos, attack):
+    before = eval_loss(tiny_bundle, photos)
+    trained = attack.personalize(photos, tiny_bundle, torch.Generator().manual_seed(0))
+    assert eval_loss(trained, photos) < before
+
+
+def test_lora_changes_only_adapter_weights(tiny_bundle, photos):
+    base_before = unet_state(tiny_bundle)
+    attack = LoRADreamBooth(steps=5, lr=1e-3, prior_weight=0.0)
+    trained = attack.personalize(photos, tiny_bundle, torch.Generator().manual_seed(0))
+    after = trained.unet.state_dict()
+    lora_keys = [k for k in after if "lora_" in k]
+    assert lora_keys
+    assert any(not torch.all(after[k] == 0) for k in lora_keys if "lora_B" in k)  # B trained
+    for key, value in after.items():
+        if "lora_" in key:
+            continue
+        original = key.replace(".base_layer", "")
+        assert torch.equal(value, base_before[original]), key
+    assert all(torch.equal(v, tiny_bundle.unet.state_dict()[k]) for k, v in base_before.items())
+    assert trained.text_encoder is tiny_bundle.text_encoder
+
+
+def test_lora_on_text_encoder_and_repeatable(tiny_bundle, photos):
+    attack = LoRADreamBooth(steps=3, lr=1e-3, prior_weight=0.0, train_text_encoder=True)
+    a = attack.personalize(photos, tiny_bundle, torch.Generator().manual_seed(5))
+    b = attack.personalize(photos, tiny_bundle, torch.Generator().manual_seed(5))
+    te_lora = [k for k in a.text_encoder.state_dict() if "lora_" in k]
+    assert te_lora
+    sa, sb = a.unet.state_dict(), b.unet.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_dreambooth_without_text_encoder_leaves_it_identical(tiny_bundle, photos):
+    text_before = {k: v.clone() for k, v in tiny_bundle.text_encoder.state_dict().items()}
+    unet_before = unet_state(tiny_bundle)
+    attack = DreamBooth(steps=3, lr=1e-4, prior_weight=0.0, train_text_encoder=False)
+    trained = attack.personalize(photos, tiny_bundle, torch.Generator().manual_seed(0))
+    text_after = trained.text_encoder.state_dict()
+    assert all(torch.equal(text_before[k], text_after[k]) for k in text_before)
+    unet_after = trained.unet.state_dict()
+    assert any(not torch.equal(unet_before[k], unet_after[k]) for k in unet_before)
+    assert all(torch.equal(unet_before[k], tiny_bundle.unet.state_dict()[k]) for k in unet_before)
+
+
+def _train_losses(bundle, photos, **config):
+    trained = bundle.copy_of("unet")
+    params = list(trained.unet.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    cfg = TrainConfig(steps=3, lr=1e-4, batch_size=2, **config)
+    return finetune(
+        trained, TrainData(photos, PROMPT), params, cfg, torch.Generator().manual_seed(3)
+    )
+
+
+def test_gradient_checkpointing_changes_memory_not_results(tiny_bundle, photos):
+    plain = _train_losses(tiny_bundle, photos)
+    checkpointed = _train_losses(tiny_bundle, photos, gradient_checkpointing=True)
+    assert plain == pytest.approx(checkpointed, rel=1e-5)
+    assert not tiny_bundle.unet.is_gradient_checkpointing  # restored
+
+
+def test_accumulation_and_schedule_run(tiny_bundle, photos):
+    losses = _train_losses(tiny_bundle, photos, grad_accum=2, lr_schedule="cosine", warmup_steps=1)
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_prior_preservation_uses_class_images(tiny_bundle, photos, isolated_cache):
+    attack = LoRADreamBooth(steps=2, lr=1e-3, num_class_images=2, class_steps=2)
+    fingerprinted = tiny_bundle.replace(fingerprint="tiny-test-prior")
+    attack.personalize(photos, fingerprinted, torch.Generator().manual_seed(0))
+    cached = list((isolated_cache / "class-images").glob("*/key.json"))
+    assert any("tiny-test-prior" in p.read_text() for p in cached)
+
+
+def test_class_image_cache_is_reused_and_keyed(tiny_bundle, tmp_path):
+    bundle = tiny_bundle.replace(fingerprint="tiny-seed-0")
+    key = ClassImageKey(bundle.fingerprint, "a photo of person", 2, 32, 0, 2, 7.5, "ddim")
+    first, generated = class_images(bundle, key, tmp_path)
+    assert generated and first.shape == (2, 3, 32, 32)
+    again, generated_again = class_images(bundle, key, tmp_path)
+    assert not generated_again and torch.equal(first, again)
+    changed = ClassImageKey(bundle.fingerprint, "a photo of person", 3, 32, 0, 2, 7.5, "ddim")
+    third, generated_third = class_images(bundle, changed, tmp_path)
+    assert generated_third and third.shape[0] == 3
+    assert len(list(tmp_path.glob("class-images/*/key.json"))) == 2
+    assert not list(tmp_path.glob("class-images/.*"))  # no temporary folder left
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ({"attack.steps": -1}, "steps: expected >= 1, got -1"),
+        ({"attack.rank": 0}, "rank: expected >= 1, got 0"),
+        ({"sampling.scheduler": "heun"}, "sampling.scheduler: expected one of 'ddim'"),
+        ({"attack.lr_schedule": "cyclic"}, "attack.lr_schedule: expected one of 'constant'"),
+        ({"countermeasure": [{"name": "jpeg", "quality": 0}]}, "quality: expected 1..100"),
+        ({"countermeasure": [{"name": "blur", "kernel": 4}]}, "kernel: expected an odd size"),
+    ],
+)
+def test_bad_settings_are_refused_at_load(override, message):
+    with pytest.raises(SpecError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        ExperimentSpec.from_dict(tiny_spec_dict()).override(override)

@@ -1,0 +1,124 @@
+import pytest
+import torch
+
+from antipers.attacks.countermeasures import JPEG, AttackEnv, Blur, Flip, Mix, Purify, Resize
+from antipers.attacks.sampling import SCHEDULERS, GuidedSampler
+from antipers.data.synthetic import SyntheticDataset
+from antipers.images import check_images
+from antipers.pipeline import RunContext, run_experiment
+from antipers.spec import ExperimentSpec
+from tests.conftest import tiny_spec_dict
+
+
+@pytest.fixture(scope="module")
+def person():
+    return SyntheticDataset(n_identities=1, photos_per_set=4).load("synth-0000", 64)
+
+
+@pytest.fixture
+def env(tiny_bundle, person):
+    return AttackEnv(tiny_bundle, person, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(
+    "cm",
+    [
+        JPEG(50),
+        Resize(2.0),
+        Resize(4.0, "area"),
+        Blur(5, 1.5),
+        Flip(1.0),
+        Flip(0.5),
+        Purify(50, 3),
+        Mix(2),
+    ],
+    ids=repr,
+)
+def test_countermeasures_keep_the_image_contract(cm, person, env):
+    out = cm.apply(person.set_B, env)
+    check_images(out)
+    assert out.shape == person.set_B.shape
+
+
+def test_jpeg_error_grows_as_quality_drops(person, env):
+    errors = [
+        float((JPEG(q).apply(person.set_B, env) - person.set_B).abs().mean())
+        for q in (95, 75, 50, 10)
+    ]
+    assert errors == sorted(errors) and errors[0] < errors[-1]
+
+
+def test_flip_twice_is_identity(person, env):
+    once = Flip(1.0).apply(person.set_B, env)
+    assert not torch.equal(once, person.set_B)
+    assert torch.equal(Flip(1.0).apply(once, env), person.set_B)
+
+
+def test_resize_returns_original_size_and_smooths(person, env):
+    out = Resize(4.0).apply(person.set_B, env)
+    assert out.shape == person.set_B.shape
+    assert not torch.equal(out, person.set_B)
+
+
+def test_blur_removes_detail(person, env):
+    def detail(x):
+        return float((x[..., 1:] - x[..., :-1]).abs().mean())
+
+    assert detail(Blur(7, 2.0).apply(person.set_B, env)) < detail(person.set_B)
+
+
+def test_purify_at_zero_is_identity_and_above_changes(person, env):
+    assert torch.equal(Purify(0).apply(person.set_B, env), person.set_B)
+    purified = Purify(200, 3).apply(person.set_B, env)
+    assert not torch.allclose(purified, person.set_B)
+
+
+def test_purify_rejects_timestep_beyond_the_schedule(person, env):
+    with pytest.raises(ValueError, match="purify.t: expected < 1000"):
+        Purify(1000).apply(person.set_B, env)
+
+
+def test_mix_puts_exactly_k_clean_photos_in(person, env):
+    protected = (person.set_B + 0.03).clamp(0, 1)  # stand-in for perturbed photos
+    for k in (0, 1, 3):
+        out = Mix(k).apply(protected, env)
+        from_clean = [any(torch.equal(img, c) for c in person.set_C) for img in out]
+        kept = [any(torch.equal(img, p) for p in protected) for img in out]
+        assert sum(from_clean) == k and sum(kept) == len(out) - k
+
+
+def test_mix_larger_than_the_set_fails_before_any_work(tiny_bundle):
+    spec = ExperimentSpec.from_dict(tiny_spec_dict(countermeasure=[{"name": "mix", "k": 9}]))
+    stages = []
+    rows = run_experiment(spec, RunContext(device=torch.device("cpu")), progress=stages.append)
+    assert rows[0]["status"] == "error" and "mix.k=9" in rows[0]["error"]
+    assert "k must be at most 4" in rows[0]["error"]
+    assert stages == ["load"]  # refused before protecting or training
+
+
+def test_rows_record_the_countermeasure_chain():
+    chain = [{"name": "jpeg", "quality": 60}, "flip"]
+    spec = ExperimentSpec.from_dict(tiny_spec_dict(countermeasure=chain))
+    rows = run_experiment(spec, RunContext(device=torch.device("cpu")), raise_errors=True)
+    assert {r["countermeasure"] for r in rows} == {"jpeg+flip"}
+    assert '"quality":60' in rows[0]["countermeasure_params"]
+    assert spec.override({"countermeasure.0.quality": 30}).countermeasure[0]["quality"] == 30
+    assert ExperimentSpec.from_dict(tiny_spec_dict(countermeasure="none")).countermeasure == ()
+
+
+def test_sampling_is_repeatable_by_seed(tiny_bundle):
+    sampler = GuidedSampler(
+        prompts=("a photo of sks person",), images_per_prompt=3, steps=3, batch_size=2
+    )
+    a = sampler.sample(tiny_bundle, 32, torch.Generator().manual_seed(9))
+    b = sampler.sample(tiny_bundle, 32, torch.Generator().manual_seed(9))
+    c = sampler.sample(tiny_bundle, 32, torch.Generator().manual_seed(10))
+    assert a.shape == (3, 3, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
+def test_every_scheduler_samples(tiny_bundle, scheduler):
+    sampler = GuidedSampler(prompts=("x",), images_per_prompt=1, steps=2, scheduler=scheduler)
+    out = sampler.sample(tiny_bundle, 32, torch.Generator().manual_seed(0))
+    check_images(out)
+    assert torch.isfinite(out).all()
