@@ -121,6 +121,45 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_protect(args: argparse.Namespace) -> int:
+    import logging
+
+    from antipers.protect import ProtectError, plan, protect_folder
+
+    if args.resolution < 8 or args.resolution % 8:
+        raise CLIError(f"--resolution: expected a positive multiple of 8, got {args.resolution}")
+    try:
+        params = _parse_set(args.param)
+    except CLIError as exc:
+        raise CLIError(str(exc).replace("--set", "--param")) from None
+    try:
+        p = plan(
+            Path(args.in_dir),
+            Path(args.out_dir),
+            args.defense,
+            params,
+            args.base_model,
+            args.overwrite,
+        )
+    except ProtectError as exc:
+        raise CLIError(str(exc)) from None
+    device = _device(args.device)
+    for name in ("antipers.defenses", "antipers.protect"):  # progress on stderr
+        logging.getLogger(name).setLevel(logging.INFO)
+    print(
+        f"protecting {len(p.photos)} photos from {args.in_dir} with {p.defense.name}",
+        file=sys.stderr,
+    )
+    report = protect_folder(p, Path(args.out_dir), args.resolution, args.seed, device)
+    for photo in report["photos"]:
+        print(
+            f"  {Path(photo['output']).name}: L-inf {photo['linf_255']:.0f}/255, "
+            f"PSNR {photo['psnr_db']:.2f} dB, SSIM {photo['ssim']:.4f}"
+        )
+    print(f"wrote {len(report['photos'])} protected photos and protect.json to {args.out_dir}")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     kinds = [args.kind] if args.kind else list(REGISTRIES)
     for kind in kinds:
@@ -181,6 +220,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nudge", type=float, default=0.15, help="per-photo latent variation")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data_synth)
+
+    p = sub.add_parser(
+        "protect", help="protect a folder of one person's photos before publishing them"
+    )
+    p.add_argument("in_dir", metavar="IN_DIR", help="folder of the person's photos")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="where protected PNGs and protect.json go")
+    p.add_argument("--defense", required=True, help="defense name (antipers list defenses)")
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="defense parameter, e.g. --param eps=8 (repeatable)",
+    )
+    p.add_argument(
+        "--base-model",
+        required=True,
+        metavar="NAME|PATH",
+        help="registered base model (sd21-base, ...) or a diffusers folder",
+    )
+    p.add_argument("--resolution", type=int, default=512, help="working size in pixels (512)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.set_defaults(func=cmd_protect)
 
     p = sub.add_parser("list", help="registered components with their parameters and defaults")
     p.add_argument("kind", nargs="?", choices=list(REGISTRIES), help="one kind only")

@@ -229,7 +229,16 @@ for _name, _target in [
 ]:
     DATASETS.register(_name, _target)
 
-DEFENSES.register("none", "antipers.defenses.none:NoDefense")
+for _name, _target in [
+    ("none", "antipers.defenses.none:NoDefense"),
+    ("aspl", "antipers.defenses.aspl:ASPL"),
+    ("fsmg", "antipers.defenses.fsmg:FSMG"),
+    ("simac", "antipers.defenses.simac:SimAC"),
+    ("cap-aspl", "antipers.defenses.cap:CAPASPL"),
+    ("cap-simac", "antipers.defenses.cap:CAPSimAC"),
+    ("cap-fsmg", "antipers.defenses.cap:CAPFSMG"),
+]:
+    DEFENSES.register(_name, _target)
 for _name, _target in [
     ("none", "antipers.attacks.countermeasures:NoCountermeasure"),
     ("jpeg", "antipers.attacks.countermeasures:JPEG"),

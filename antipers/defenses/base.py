@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -18,3 +19,4 @@ class Protected:
     images: torch.Tensor
     bundle: DiffusionBundle
     personalized: DiffusionBundle | None = None
+    log: Any = None  # what the defense wants to report (e.g. CAP's weights); not stored

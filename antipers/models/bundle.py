@@ -136,6 +136,17 @@ class DiffusionBundle:
         noise the latents at random timesteps and regress the scheduler's target."""
         noise = self.noise_like(latents, generator)
         t = self.sample_timesteps(latents.shape[0], generator, t_range)
+        return self.denoising_loss(latents, embeds, noise, t, reduction)
+
+    def denoising_loss(
+        self,
+        latents: torch.Tensor,
+        embeds: torch.Tensor,
+        noise: torch.Tensor,
+        t: torch.Tensor,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
+        """The loss at given noise and timesteps (to compare two inputs on equal terms)."""
         noisy = self.scheduler.add_noise(latents, noise, t)
         with self.autocast():
             pred = self.unet(noisy, t, encoder_hidden_states=embeds).sample

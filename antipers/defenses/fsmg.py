@@ -1,0 +1,37 @@
+"""FSMG (Anti-DreamBooth): PGD against a surrogate fine-tuned on the clean photos."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from antipers.data.identity import IdentitySet
+from antipers.defenses.base import Protected
+from antipers.defenses.pgd import project_png
+from antipers.defenses.surrogate_pgd import RunState, SurrogatePGD, log
+from antipers.models.bundle import DiffusionBundle
+
+
+@dataclass(frozen=True)
+class FSMG(SurrogatePGD):
+    """Fully-trained surrogate model guidance: DreamBooth on set_A, then 100 PGD steps."""
+
+    pgd_steps: int = 100
+    finetune_steps: int = 1000
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.finetune_steps < 0:
+            raise ValueError(f"finetune_steps: expected >= 0, got {self.finetune_steps}")
+
+    def protect(
+        self, identity: IdentitySet, bundle: DiffusionBundle, generator: torch.Generator
+    ) -> Protected:
+        surrogate = self.build_surrogate(bundle, generator)
+        surrogate.train(identity.set_A.to(bundle.device), self.finetune_steps, generator)
+        log.info("FSMG surrogate trained (%d steps); PGD", self.finetune_steps)
+        clean = identity.set_B.to(bundle.device)
+        state = RunState()
+        x = self.attack_step(surrogate, clean.clone(), clean, identity, bundle, generator, 0, state)
+        return Protected(images=project_png(x, clean, self.eps).cpu(), bundle=bundle, log=state)

@@ -1,0 +1,127 @@
+"""SimAC: ASPL with an adaptive greedy search of the diffusion timestep interval and a
+feature-interference loss on the UNet's up-block (decoder) features.
+
+The paper's observation: perturbations aimed at small timesteps (high-frequency
+detail) disrupt personalization most. Our search (constants ours): every
+``search_every`` iterations, start from the full interval [0, T) and lower its upper
+bound by ``search_delta`` while the adversarial gain (loss on the perturbed photos
+minus loss on the clean ones, same noise and timesteps) keeps rising, down to
+``search_min_t``. PGD then samples timesteps in the chosen interval and also pushes the
+up-block features of the perturbed photos away from those of the clean ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from antipers.defenses.aspl import ASPL
+from antipers.defenses.objectives import UpBlockFeatures
+from antipers.defenses.pgd import Objective
+from antipers.defenses.surrogate_pgd import RunState, log
+from antipers.models.bundle import DiffusionBundle
+
+
+@dataclass(frozen=True)
+class SimAC(ASPL):
+    """SimAC (protocol: eps 8/255), ASPL + timestep-interval search + up-block feature loss."""
+
+    eps: float = 8.0
+    feature_weight: float = 1.0
+    feature_blocks: tuple[int, ...] = (-2, -1)
+    search_every: int = 10
+    search_delta: int = 100
+    search_min_t: int = 100
+    search_draws: int = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.feature_weight < 0 or self.search_every < 1 or self.search_delta < 1:
+            raise ValueError("feature_weight >= 0, search_every >= 1, search_delta >= 1 required")
+        if self.search_min_t < 1 or self.search_draws < 1:
+            raise ValueError("search_min_t and search_draws must be >= 1")
+
+    def _blocks(self, bundle: DiffusionBundle) -> tuple[int, ...]:
+        n = len(bundle.unet.up_blocks)
+        if any(not -n <= b < n for b in self.feature_blocks):
+            raise ValueError(f"feature_blocks {self.feature_blocks}: this UNet has {n} up blocks")
+        return tuple(sorted({b % n for b in self.feature_blocks}))
+
+    def gain(
+        self,
+        bundle: DiffusionBundle,
+        x: torch.Tensor,
+        clean: torch.Tensor,
+        t_hi: int,
+        generator: torch.Generator,
+    ) -> float:
+        """Mean adversarial gain for timesteps in [0, t_hi), on equal noise."""
+        with torch.no_grad():
+            embeds = bundle.prompt_embeds([self.instance_prompt]).expand(len(x), -1, -1)
+            lx, lc = bundle.encode(x), bundle.encode(clean)
+            total = 0.0
+            for _ in range(self.search_draws):
+                noise = bundle.noise_like(lx, generator)
+                t = bundle.sample_timesteps(len(x), generator, (0, t_hi))
+                total += float(bundle.denoising_loss(lx, embeds, noise, t))
+                total -= float(bundle.denoising_loss(lc, embeds, noise, t))
+        return total / self.search_draws
+
+    def before_pgd(
+        self,
+        bundle: DiffusionBundle,
+        x: torch.Tensor,
+        clean: torch.Tensor,
+        generator: torch.Generator,
+        iteration: int,
+        state: RunState,
+    ) -> None:
+        if iteration % self.search_every:
+            return
+        t_hi = int(bundle.scheduler.config.num_train_timesteps)
+        best = self.gain(bundle, x, clean, t_hi, generator)
+        while t_hi - self.search_delta >= self.search_min_t:
+            candidate = self.gain(bundle, x, clean, t_hi - self.search_delta, generator)
+            if candidate <= best:
+                break
+            t_hi, best = t_hi - self.search_delta, candidate
+        state.t_range = (0, t_hi)
+        state.extra.setdefault("t_max", []).append(t_hi)
+        log.info("SimAC iteration %d: timestep interval [0, %d)", iteration, t_hi)
+
+    def objective(
+        self,
+        bundle: DiffusionBundle,
+        clean: torch.Tensor,
+        generator: torch.Generator,
+        state: RunState,
+    ) -> Objective:
+        with torch.no_grad():
+            embeds = bundle.prompt_embeds([self.instance_prompt])
+            clean_latents = bundle.encode(clean)
+        blocks = self._blocks(bundle)
+
+        def objective(x: torch.Tensor, step: int) -> torch.Tensor:
+            emb = embeds.expand(len(x), -1, -1)
+            latents = bundle.encode(x, generator)
+            noise = bundle.noise_like(latents, generator)
+            t = bundle.sample_timesteps(len(x), generator, state.t_range)
+            hooks = UpBlockFeatures(bundle.unet, blocks)
+            try:
+                loss = bundle.denoising_loss(latents, emb, noise, t)
+                adv_features = hooks.take()
+                with torch.no_grad():
+                    bundle.denoising_loss(clean_latents, emb, noise, t)
+                clean_features = hooks.take()
+            finally:
+                hooks.close()
+            if self.feature_weight > 0:
+                feature = sum(
+                    ((a.float() - c.float()) ** 2).mean()
+                    for a, c in zip(adv_features, clean_features, strict=True)
+                )
+                loss = loss + self.feature_weight * feature
+            return loss
+
+        return objective

@@ -1,0 +1,38 @@
+"""How much a protection changed the photos: L-inf (in 1/255 units), PSNR and SSIM of
+each protected photo against its clean original."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from antipers.images import to_uint8
+
+
+def linf_255(protected: torch.Tensor, clean: torch.Tensor) -> np.ndarray:
+    """Per-image largest pixel change on the 8-bit images, in units of 1/255."""
+    a = to_uint8(protected).astype(np.int16)
+    b = to_uint8(clean).astype(np.int16)
+    return np.abs(a - b).reshape(len(a), -1).max(axis=1).astype(float)
+
+
+def psnr(protected: torch.Tensor, clean: torch.Tensor) -> np.ndarray:
+    """Per-image PSNR in dB on the 8-bit images (inf when identical)."""
+    a = to_uint8(protected).astype(np.float64)
+    b = to_uint8(clean).astype(np.float64)
+    mse = ((a - b) ** 2).reshape(len(a), -1).mean(axis=1)
+    return np.array([math.inf if m == 0 else 10 * math.log10(255.0**2 / m) for m in mse])
+
+
+def ssim(protected: torch.Tensor, clean: torch.Tensor) -> np.ndarray:
+    """Per-image SSIM (scikit-image, Gaussian-free 7x7 windows, colour channels averaged)."""
+    from skimage.metrics import structural_similarity
+
+    return np.array(
+        [
+            structural_similarity(a, b, channel_axis=-1, data_range=255)
+            for a, b in zip(to_uint8(protected), to_uint8(clean), strict=True)
+        ]
+    )

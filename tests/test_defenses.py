@@ -1,0 +1,166 @@
+import numpy as np
+import pytest
+import torch
+
+from antipers.data.synthetic import SyntheticDataset
+from antipers.defenses.features import vae_features, vgg_features
+from antipers.defenses.objectives import dynamic_weight, gram_spread
+from antipers.defenses.pgd import project_png, uniform_noise_like
+from antipers.defenses.surrogate import Surrogate
+from antipers.images import quantize, read_images, write_png
+from antipers.registry import DEFENSES
+
+FAST = {"iterations": 2, "pgd_steps": 2, "surrogate_steps": 1}
+DEFENSE_PARAMS = {
+    "aspl": FAST,
+    "fsmg": {"pgd_steps": 3, "finetune_steps": 2},
+    "simac": {**FAST, "search_every": 1, "search_delta": 300},
+    "cap-aspl": {**FAST, "cap_warmup": 2},
+    "cap-simac": {**FAST, "cap_measure": "grad"},
+    "cap-fsmg": {"pgd_steps": 3, "finetune_steps": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def person():
+    """Photos as published: on the 8-bit grid, like any PNG read from disk."""
+    person = SyntheticDataset(n_identities=1, photos_per_set=2).load("synth-0000", 32)
+    person.set_A, person.set_B = quantize(person.set_A), quantize(person.set_B)
+    return person
+
+
+def protect(name, person, bundle, seed=0, **extra):
+    defense = DEFENSES.build(name, {**DEFENSE_PARAMS.get(name, {}), **extra})
+    return defense.protect(person, bundle, torch.Generator().manual_seed(seed)).images
+
+
+@pytest.mark.parametrize("name", sorted(DEFENSE_PARAMS))
+def test_budget_holds_on_written_pngs_and_seed_repeats(name, person, tiny_bundle, tmp_path):
+    eps = DEFENSES.build(name, DEFENSE_PARAMS[name]).eps
+    out = protect(name, person, tiny_bundle)
+    paths = write_png(out, [tmp_path / f"{i}.png" for i in range(len(out))])
+    written = (read_images(paths, 32) * 255).round()
+    clean = (person.set_B * 255).round()
+    assert (written - clean).abs().max() <= np.floor(eps)
+    assert (written != clean).any()  # it did perturb
+    assert torch.equal(out, protect(name, person, tiny_bundle))
+
+
+def test_project_png_stays_on_grid_within_fractional_budget():
+    clean = quantize(torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
+    x = (clean + 0.5 * (torch.rand(clean.shape) - 0.5)).clamp(0, 1)
+    out = project_png(x, clean, 6.375)
+    assert torch.equal(out * 255, (out * 255).round())
+    assert ((out - clean).abs() * 255).max() <= 6 + 1e-4
+
+
+def eval_loss(bundle, images, draws=24):
+    gen = torch.Generator().manual_seed(99)
+    with torch.no_grad():
+        embeds = bundle.prompt_embeds(["a photo of sks person"] * len(images))
+        latents = bundle.encode(images)
+        return sum(float(bundle.training_loss(latents, embeds, gen)) for _ in range(draws)) / draws
+
+
+def test_protection_raises_the_surrogate_loss_beyond_clean_and_noise(person, tiny_bundle):
+    protected = protect(
+        "aspl", person, tiny_bundle, eps=8.0, step_size=1.0, iterations=3, pgd_steps=5
+    )
+    noise = uniform_noise_like(person.set_B, 8.0, torch.Generator().manual_seed(0))
+    on_protected = eval_loss(tiny_bundle, protected)
+    assert on_protected > eval_loss(tiny_bundle, person.set_B)
+    assert on_protected > eval_loss(tiny_bundle, noise)
+
+
+def test_cap_lowers_gram_spread_against_the_wrapped_method(person, tiny_bundle):
+    extract = vae_features(tiny_bundle, (0, 1))
+    common = {"eps": 8.0, "step_size": 1.0, "iterations": 2, "pgd_steps": 4}
+    plain = protect("aspl", person, tiny_bundle, **common)
+    cap = protect("cap-aspl", person, tiny_bundle, **common, cap_target=2.0, cap_warmup=0)
+    with torch.no_grad():
+        assert float(gram_spread(extract(cap))) < float(gram_spread(extract(plain)))
+
+
+def test_dynamic_ratio_follows_its_rule():
+    # after warm-up the weighted consistency term is exactly `target` of the reconstruction
+    w = dynamic_weight(reconstruction=2.0, consistency=0.5, iteration=10, target=0.3, warmup=5)
+    assert w * 0.5 == pytest.approx(0.3 * 2.0)
+    # during warm-up the share ramps linearly: (k+1)/warmup of the target
+    ramp = [dynamic_weight(1.0, 1.0, k, target=0.6, warmup=3) for k in range(5)]
+    assert ramp == pytest.approx([0.2, 0.4, 0.6, 0.6, 0.6])
+    assert dynamic_weight(1.0, 1.0, 0, target=0.6, warmup=0) == pytest.approx(0.6)
+    assert dynamic_weight(-4.0, 0.0, 0, 0.5, 0) > 0  # magnitudes, safe at zero
+
+
+def test_cap_records_weights_that_follow_the_rule(person, tiny_bundle):
+    defense = DEFENSES.build("cap-aspl", {**FAST, "cap_target": 0.5, "cap_warmup": 2})
+    result = defense.protect(person, tiny_bundle, torch.Generator().manual_seed(0))
+    weights = result.log.cap_weights
+    assert len(weights) == FAST["iterations"] * FAST["pgd_steps"]
+    assert all(w > 0 and np.isfinite(w) for w in weights)
+
+
+@pytest.mark.parametrize("kind", ["dreambooth", "lora"])
+def test_surrogate_snapshots_only_trainable_weights(tiny_bundle, person, kind):
+    sur = Surrogate.build(
+        tiny_bundle, kind, 1e-3, True, "a photo of sks person", torch.Generator().manual_seed(0)
+    )
+    snap = sur.snapshot()
+    trainable = {
+        f"{part}.{n}"
+        for part in ("unet", "text_encoder")
+        for n, p in getattr(sur.bundle, part).named_parameters()
+        if p.requires_grad
+    }
+    assert set(snap) == trainable
+    assert not any(k.startswith("vae") for k in snap)
+    if kind == "lora":
+        assert all("lora_" in k for k in snap)
+    sur.train(person.set_A, 2, torch.Generator().manual_seed(1))
+    assert any(not torch.equal(snap[k], p) for k, p in sur.trainable.items())
+    sur.restore(snap)
+    assert all(torch.equal(snap[k], p) for k, p in sur.trainable.items())
+    assert sur.bundle.vae is tiny_bundle.vae  # the frozen parts are shared, not copied
+
+
+def test_eot_and_lora_surrogate_run(person, tiny_bundle):
+    out = protect(
+        "aspl",
+        person,
+        tiny_bundle,
+        iterations=1,
+        pgd_steps=2,
+        surrogate="lora",
+        eot=("jpeg", "blur", "flip"),
+    )
+    assert out.shape == person.set_B.shape
+
+
+def test_simac_search_narrows_to_the_interval_it_reports(person, tiny_bundle):
+    defense = DEFENSES.build("simac", {**DEFENSE_PARAMS["simac"], "search_min_t": 100})
+    result = defense.protect(person, tiny_bundle, torch.Generator().manual_seed(0))
+    t_max = result.log.extra["t_max"]
+    assert len(t_max) == 2 and all(100 <= t <= 1000 for t in t_max)
+    assert result.log.t_range == (0, t_max[-1])
+
+
+def test_vgg_extractor_needs_local_weights(tmp_path):
+    with pytest.raises(FileNotFoundError, match="VGG-19 weights not found"):
+        vgg_features(str(tmp_path / "missing.pth"), (), torch.device("cpu"))
+    bad = tmp_path / "bad.pth"
+    torch.save({"nope": torch.zeros(1)}, bad)
+    with pytest.raises(ValueError, match="not a torchvision VGG-19 state dict"):
+        vgg_features(str(bad), (), torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_vgg_extractor_from_a_local_file(tmp_path, person, tiny_bundle):
+    from torchvision.models import vgg19
+
+    torch.manual_seed(0)
+    path = tmp_path / "vgg19.pth"
+    torch.save(vgg19(weights=None).state_dict(), path)
+    feats = vgg_features(str(path), (1, 6), torch.device("cpu"))(person.set_B)
+    assert [f.shape[1] for f in feats] == [64, 128]
+    out = protect("cap-aspl", person, tiny_bundle, cap_extractor="vgg19", cap_vgg_weights=str(path))
+    assert out.shape == person.set_B.shape

@@ -1,0 +1,125 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from antipers.cli import main
+from antipers.data.synthetic import SyntheticDataset
+from antipers.images import read_images, write_png
+from antipers.pipeline import RunContext, run_experiment
+from antipers.spec import ExperimentSpec
+from tests.conftest import tiny_spec_dict
+
+FAST = ["--param", "iterations=1", "--param", "pgd_steps=2", "--param", "surrogate_steps=1"]
+
+
+@pytest.fixture
+def photos(tmp_path):
+    folder = tmp_path / "me"
+    faces = SyntheticDataset(n_identities=1, photos_per_set=3).load("synth-0000", 32).set_B
+    write_png(faces, [folder / f"photo{i}.png" for i in range(3)])
+    return folder
+
+
+def run(photos, out, *extra):
+    return main(
+        [
+            "protect",
+            str(photos),
+            str(out),
+            "--defense",
+            "aspl",
+            "--param",
+            "eps=8",
+            *FAST,
+            "--base-model",
+            "tiny",
+            "--resolution",
+            "32",
+            "--device",
+            "cpu",
+            *extra,
+        ]
+    )
+
+
+def test_protect_end_to_end(photos, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(photos, out) == 0
+    report = json.loads((out / "protect.json").read_text())
+    assert report["defense"]["name"] == "aspl" and report["defense"]["eps"] == 8.0
+    assert [p["output"] for p in report["photos"]] == [str(out / f"photo{i}.png") for i in range(3)]
+    clean = read_images(sorted(photos.glob("*.png")), 32)
+    protected = read_images(sorted(out.glob("*.png")), 32)
+    diff = ((protected - clean).abs() * 255).round()
+    assert diff.max() <= 8 and diff.max() > 0
+    assert [p["linf_255"] for p in report["photos"]] == diff.amax(dim=(1, 2, 3)).tolist()
+    assert all(np.isfinite(p["psnr_db"]) and 0 < p["ssim"] <= 1 for p in report["photos"])
+    assert "L-inf" in capsys.readouterr().out
+
+
+def test_protect_refuses_to_overwrite_or_write_into_input(photos, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(photos, out) == 0
+    before = (out / "photo0.png").read_bytes()
+    assert run(photos, out) == 2
+    assert "exists" in capsys.readouterr().err and (out / "photo0.png").read_bytes() == before
+    assert run(photos, out, "--overwrite") == 0
+    assert run(photos, photos / "protected") == 2
+    assert "refusing to write into the input folder" in capsys.readouterr().err
+    assert not (photos / "protected").exists()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--param", "epss=3"], "has no parameter 'epss'"),
+        (["--param", "eps=-1"], "eps: expected a budget"),
+        (["--param", "eps"], "expected KEY=VALUE"),
+    ],
+)
+def test_protect_bad_parameters(photos, tmp_path, capsys, args, message):
+    assert run(photos, tmp_path / "out", *args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_protect_bad_inputs(photos, tmp_path, capsys, monkeypatch):
+    (photos / "notes.txt").write_text("hi")
+    assert run(photos, tmp_path / "out") == 2
+    assert "notes.txt: not an image" in capsys.readouterr().err
+    (photos / "notes.txt").unlink()
+    (photos / "broken.png").write_bytes(b"not a png")
+    assert run(photos, tmp_path / "out") == 2
+    assert "broken.png: unreadable image" in capsys.readouterr().err
+    (photos / "broken.png").unlink()
+    assert run(tmp_path / "nobody", tmp_path / "out") == 2
+    assert "input folder does not exist" in capsys.readouterr().err
+    monkeypatch.setenv("ANTIPERS_MODELS_DIR", str(tmp_path / "models"))
+    code = main(
+        [
+            "protect",
+            str(photos),
+            str(tmp_path / "out"),
+            "--defense",
+            "aspl",
+            "--base-model",
+            "sd21-base",
+            "--resolution",
+            "32",
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "stable-diffusion-2-1-base does not exist" in err and "unet/" in err
+
+
+def test_defense_runs_inside_an_experiment():
+    spec = ExperimentSpec.from_dict(
+        tiny_spec_dict(defense={"name": "cap-aspl", "iterations": 1, "pgd_steps": 2})
+    )
+    rows = run_experiment(spec, RunContext(device=torch.device("cpu")), raise_errors=True)
+    assert {r["defense"] for r in rows} == {"cap-aspl"}
+    assert '"iterations":1' in rows[0]["defense_params"]
+    assert all(r["status"] == "ok" for r in rows)
