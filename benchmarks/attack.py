@@ -14,12 +14,10 @@ alone (UNet + text encoder); on a 24 GB CPU machine use ``--no-text-encoder``.
 from __future__ import annotations
 
 import argparse
-import json
-import resource
 import statistics
-import subprocess
-import sys
 import time
+
+from _harness import emit, in_child, peak_gib, reset_peak
 
 ATTACKS = ("dreambooth", "lora")
 
@@ -46,8 +44,7 @@ def run_one(model: str, attack: str, resolution: int, steps: int, text_encoder: 
     )
     gen = torch.Generator().manual_seed(0)
     trained, params = spec.trainable(bundle, gen)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak(device)
     stamps = [time.perf_counter()]
 
     def on_step(step: int, loss: float) -> None:
@@ -65,14 +62,10 @@ def run_one(model: str, attack: str, resolution: int, steps: int, text_encoder: 
         on_step,
     )
     step_times = [b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)]  # drop warm-up
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return {
         "device": str(device),
         "step_s": statistics.median(step_times),
-        "peak_gib": peak,
+        "peak_gib": peak_gib(device),
         "trainable_m": sum(p.numel() for p in params) / 1e6,
     }
 
@@ -89,33 +82,17 @@ def main() -> None:
     args = parser.parse_args()
     text_encoder = not args.no_text_encoder
     if args.one:
-        result = run_one(*args.one, args.resolution, args.steps, text_encoder)
-        print("RESULT " + json.dumps(result))
+        emit(run_one(*args.one, args.resolution, args.steps, text_encoder))
         return
 
     rows = []
     for model in args.models:
         by_attack = {}
         for attack in ATTACKS:
-            cmd = [
-                sys.executable,
-                __file__,
-                "--one",
-                model,
-                attack,
-                "--resolution",
-                str(args.resolution),
-                "--steps",
-                str(args.steps),
-            ]
-            cmd += ["--no-text-encoder"] if not text_encoder else []
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if out.returncode != 0 or line is None:
-                by_attack[attack] = None
-                print(f"{model}/{attack} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
-                continue
-            by_attack[attack] = json.loads(line.removeprefix("RESULT "))
+            child = ["--one", model, attack, "--resolution", str(args.resolution)]
+            child += ["--steps", str(args.steps)]
+            child += [] if text_encoder else ["--no-text-encoder"]
+            by_attack[attack] = in_child(__file__, child)
         rows.append((model, by_attack))
 
     print(

@@ -102,25 +102,25 @@ def test_cap_records_weights_that_follow_the_rule(person, tiny_bundle):
 
 @pytest.mark.parametrize("kind", ["dreambooth", "lora"])
 def test_surrogate_snapshots_only_trainable_weights(tiny_bundle, person, kind):
-    sur = Surrogate.build(
-        tiny_bundle, kind, 1e-3, True, "a photo of sks person", torch.Generator().manual_seed(0)
-    )
-    snap = sur.snapshot()
-    trainable = {
-        f"{part}.{n}"
-        for part in ("unet", "text_encoder")
-        for n, p in getattr(sur.bundle, part).named_parameters()
-        if p.requires_grad
-    }
-    assert set(snap) == trainable
-    assert not any(k.startswith("vae") for k in snap)
-    if kind == "lora":
-        assert all("lora_" in k for k in snap)
-    sur.train(person.set_A, 2, torch.Generator().manual_seed(1))
-    assert any(not torch.equal(snap[k], p) for k, p in sur.trainable.items())
-    sur.restore(snap)
-    assert all(torch.equal(snap[k], p) for k, p in sur.trainable.items())
-    assert sur.bundle.vae is tiny_bundle.vae  # the frozen parts are shared, not copied
+    gen = torch.Generator().manual_seed(0)
+    with Surrogate.build(tiny_bundle, kind, 1e-3, True, "a photo of sks person", gen) as sur:
+        snap = sur.snapshot()
+        trainable = {
+            f"{part}.{n}"
+            for part in ("unet", "text_encoder")
+            for n, p in getattr(sur.bundle, part).named_parameters()
+            if p.requires_grad
+        }
+        assert set(snap) == trainable
+        assert not any(k.startswith("vae") for k in snap)
+        if kind == "lora":
+            assert all("lora_" in k for k in snap)
+        sur.train(person.set_A, 2, torch.Generator().manual_seed(1))
+        assert any(not torch.equal(snap[k], p) for k, p in sur.trainable.items())
+        sur.restore(snap)
+        assert all(torch.equal(snap[k], p) for k, p in sur.trainable.items())
+        assert sur.bundle.vae is tiny_bundle.vae  # frozen parts are shared, never copied
+    assert not any(p.requires_grad for p in tiny_bundle.unet.parameters())
 
 
 def test_eot_and_lora_surrogate_run(person, tiny_bundle):
@@ -164,3 +164,24 @@ def test_vgg_extractor_from_a_local_file(tmp_path, person, tiny_bundle):
     assert [f.shape[1] for f in feats] == [64, 128]
     out = protect("cap-aspl", person, tiny_bundle, cap_extractor="vgg19", cap_vgg_weights=str(path))
     assert out.shape == person.set_B.shape
+
+
+@pytest.mark.parametrize("name", ["aspl", "fsmg"])
+def test_in_place_surrogate_gives_the_base_model_back(name, person, tiny_bundle):
+    before = {k: v.clone() for k, v in tiny_bundle.unet.state_dict().items()}
+    text_before = {k: v.clone() for k, v in tiny_bundle.text_encoder.state_dict().items()}
+    protect(name, person, tiny_bundle)
+    assert all(torch.equal(before[k], v) for k, v in tiny_bundle.unet.state_dict().items())
+    assert all(
+        torch.equal(text_before[k], v) for k, v in tiny_bundle.text_encoder.state_dict().items()
+    )
+    assert not any(p.requires_grad for p in tiny_bundle.unet.parameters())
+
+
+def test_base_model_restored_when_the_defense_fails(person, tiny_bundle):
+    before = {k: v.clone() for k, v in tiny_bundle.unet.state_dict().items()}
+    broken = DEFENSES.build("simac", {**FAST, "feature_blocks": (7,)})  # no such up block
+    with pytest.raises(ValueError, match="feature_blocks"):
+        broken.protect(person, tiny_bundle, torch.Generator().manual_seed(0))
+    assert all(torch.equal(before[k], v) for k, v in tiny_bundle.unet.state_dict().items())
+    assert not any(p.requires_grad for p in tiny_bundle.unet.parameters())

@@ -29,16 +29,16 @@ class ASPL(SurrogatePGD):
     def protect(
         self, identity: IdentitySet, bundle: DiffusionBundle, generator: torch.Generator
     ) -> Protected:
-        surrogate = self.build_surrogate(bundle, generator)
         reference = identity.set_A.to(bundle.device)
         clean = identity.set_B.to(bundle.device)
         x = clean.clone()
         state = RunState()
-        for it in range(self.iterations):
-            before = surrogate.snapshot()
-            surrogate.train(reference, self.surrogate_steps, generator)  # f_sur on clean photos
-            x = self.attack_step(surrogate, x, clean, identity, bundle, generator, it, state)
-            surrogate.restore(before)
-            surrogate.train(x, self.surrogate_steps, generator)  # f on the perturbed photos
-            log.info("%s iteration %d/%d", type(self).__name__, it + 1, self.iterations)
+        with self.build_surrogate(bundle, generator) as surrogate:
+            for it in range(self.iterations):
+                before = surrogate.snapshot()
+                surrogate.train(reference, self.surrogate_steps, generator)  # f_sur: clean
+                x = self.attack_step(surrogate, x, clean, identity, bundle, generator, it, state)
+                surrogate.restore(before)
+                surrogate.train(x, self.surrogate_steps, generator)  # f: perturbed photos
+                log.info("%s iteration %d/%d", type(self).__name__, it + 1, self.iterations)
         return Protected(images=project_png(x, clean, self.eps).cpu(), bundle=bundle, log=state)

@@ -28,10 +28,12 @@ class FSMG(SurrogatePGD):
     def protect(
         self, identity: IdentitySet, bundle: DiffusionBundle, generator: torch.Generator
     ) -> Protected:
-        surrogate = self.build_surrogate(bundle, generator)
-        surrogate.train(identity.set_A.to(bundle.device), self.finetune_steps, generator)
-        log.info("FSMG surrogate trained (%d steps); PGD", self.finetune_steps)
         clean = identity.set_B.to(bundle.device)
         state = RunState()
-        x = self.attack_step(surrogate, clean.clone(), clean, identity, bundle, generator, 0, state)
+        with self.build_surrogate(bundle, generator) as surrogate:
+            surrogate.train(identity.set_A.to(bundle.device), self.finetune_steps, generator)
+            log.info("FSMG surrogate trained (%d steps); PGD", self.finetune_steps)
+            x = self.attack_step(
+                surrogate, clean.clone(), clean, identity, bundle, generator, 0, state
+            )
         return Protected(images=project_png(x, clean, self.eps).cpu(), bundle=bundle, log=state)

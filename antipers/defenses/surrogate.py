@@ -1,14 +1,18 @@
 """The model a PGD defense attacks, trained in place between snapshots.
 
 ASPL's reference code deep-copies the UNet and text encoder every iteration. Here the
-surrogate is one trainable copy (full weights, or LoRA adapters on the base), and an
-iteration snapshots and restores only the weights that train: memory stays close to
-one model, its trainable copy and the optimizer state.
+full-weight surrogate *is* the resident base model, trained in place: an iteration
+snapshots and restores only the weights that train, and the original weights come
+back when the defense is done (also on error). Snapshots live on the CPU when the
+model is on a GPU, so GPU memory stays close to one model plus the optimizer state.
+A LoRA surrogate trains adapters on a copy of the UNet instead (its snapshots are
+tiny).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Literal
 
 import torch
@@ -20,6 +24,16 @@ from antipers.attacks.training import TrainData, finetune
 from antipers.models.bundle import DiffusionBundle
 
 SurrogateKind = Literal["dreambooth", "lora"]
+PARTS = ("unet", "text_encoder")
+
+
+def trainable_parameters(bundle: DiffusionBundle) -> dict[str, torch.nn.Parameter]:
+    return {
+        f"{part}.{name}": p
+        for part in PARTS
+        for name, p in getattr(bundle, part).named_parameters()
+        if p.requires_grad
+    }
 
 
 @dataclass
@@ -28,6 +42,8 @@ class Surrogate:
     attack: Personalization
     trainable: dict[str, torch.nn.Parameter]
     prompt: str
+    offload: bool = True
+    _original: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     @classmethod
     def build(
@@ -38,6 +54,7 @@ class Surrogate:
         train_text_encoder: bool,
         prompt: str,
         generator: torch.Generator,
+        offload: bool = True,
     ) -> Surrogate:
         common = {
             "steps": 1,
@@ -46,19 +63,40 @@ class Surrogate:
             "train_text_encoder": train_text_encoder,
             "instance_prompt": prompt,
         }
-        attack = DreamBooth(**common) if kind == "dreambooth" else LoRADreamBooth(**common)
-        bundle, _ = attack.trainable(base, generator)
-        trainable = {
-            f"{part}.{name}": p
-            for part in ("unet", "text_encoder")
-            for name, p in getattr(bundle, part).named_parameters()
-            if p.requires_grad
-        }
-        return cls(bundle, attack, trainable, prompt)
+        if kind == "lora":
+            attack: Personalization = LoRADreamBooth(**common)
+            bundle, _ = attack.trainable(base, generator)
+            return cls(bundle, attack, trainable_parameters(bundle), prompt, offload)
+        attack = DreamBooth(**common)
+        for part in PARTS[: 2 if train_text_encoder else 1]:
+            getattr(base, part).requires_grad_(True)
+        surrogate = cls(base, attack, trainable_parameters(base), prompt, offload)
+        surrogate._original = surrogate.snapshot()
+        return surrogate
+
+    def __enter__(self) -> Surrogate:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Give an in-place surrogate's weights back to the base model, frozen again."""
+        if self._original is not None:
+            self.restore(self._original)
+            for p in self.trainable.values():
+                p.requires_grad_(False)
+            self._original = None
+
+    def _store(self) -> torch.device:
+        return torch.device("cpu") if self.offload else self.bundle.device
 
     def snapshot(self) -> dict[str, torch.Tensor]:
-        """Copies of the trainable weights only (never the VAE or frozen parts)."""
-        return {name: p.detach().clone() for name, p in self.trainable.items()}
+        """Copies of the trainable weights only (never the VAE or other frozen parts)."""
+        store = self._store()
+        return {name: p.detach().to(store, copy=True) for name, p in self.trainable.items()}
 
     def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():

@@ -43,6 +43,7 @@ class SurrogatePGD:
     surrogate: SurrogateKind = "dreambooth"
     surrogate_lr: float = 5e-7
     train_text_encoder: bool = True
+    offload_snapshots: bool = True
 
     def __post_init__(self) -> None:
         from antipers.registry import COUNTERMEASURES
@@ -69,6 +70,7 @@ class SurrogatePGD:
             self.train_text_encoder,
             self.instance_prompt,
             generator,
+            offload=self.offload_snapshots and bundle.device.type == "cuda",
         )
 
     # -- hooks a variant overrides ------------------------------------------------------

@@ -1,0 +1,41 @@
+"""What the benchmark scripts share: a child process per measurement (so each peak
+memory is its own) and the peak-memory reading for the device in use."""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from typing import Any
+
+import torch
+
+MARK = "RESULT "
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device: torch.device) -> float:
+    """GPU: peak allocated; CPU: peak resident set of this process."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def emit(result: dict[str, Any]) -> None:
+    print(MARK + json.dumps(result), flush=True)
+
+
+def in_child(script: str, args: list[str]) -> dict[str, Any] | None:
+    """Run ``script`` with ``args`` in a fresh interpreter; its emitted result or None."""
+    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith(MARK)), None)
+    if out.returncode != 0 or line is None:
+        print(f"{' '.join(args)} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(line.removeprefix(MARK))
