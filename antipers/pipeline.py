@@ -23,6 +23,7 @@ from antipers import __version__
 from antipers.attacks.countermeasures import AttackEnv
 from antipers.device import pick_device
 from antipers.images import check_images
+from antipers.metrics.base import MetricResult, ScoreInputs, evaluate
 from antipers.models.bundle import DiffusionBundle
 from antipers.registry import (
     ATTACKS,
@@ -33,7 +34,7 @@ from antipers.registry import (
     METRICS,
     SAMPLERS,
 )
-from antipers.results import AGGREGATE_INDEX, ERROR, OK, SCHEMA_VERSION, ResultStore
+from antipers.results import AGGREGATE_INDEX, ERROR, SCHEMA_VERSION, ResultStore
 from antipers.spec import ComponentSpec, ExperimentSpec, canonical_json
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,10 @@ class RunContext:
     device: torch.device = field(default_factory=pick_device)
     _bundles: dict[ComponentSpec, DiffusionBundle] = field(default_factory=dict)
     _datasets: dict[ComponentSpec, Any] = field(default_factory=dict)
+    _metrics: dict[ComponentSpec, Any] = field(default_factory=dict)
+    _galleries: dict[tuple[ComponentSpec, int], dict[str, torch.Tensor]] = field(
+        default_factory=dict
+    )
 
     def base_model(self, spec: ComponentSpec) -> DiffusionBundle:
         if spec not in self._bundles:
@@ -59,6 +64,22 @@ class RunContext:
         if spec not in self._datasets:
             self._datasets[spec] = spec.build(DATASETS)
         return self._datasets[spec]
+
+    def metric(self, spec: ComponentSpec) -> Any:
+        """Metric instances live as long as the worker: their models load once."""
+        if spec not in self._metrics:
+            self._metrics[spec] = spec.build(METRICS)
+        return self._metrics[spec]
+
+    def gallery(self, spec: ComponentSpec, resolution: int) -> dict[str, torch.Tensor]:
+        """Every identity's reference photos (set_A), for linkability."""
+        key = (spec, resolution)
+        if key not in self._galleries:
+            dataset = self.dataset(spec)
+            self._galleries[key] = {
+                name: dataset.load(name, resolution).set_A for name in dataset.identities()
+            }
+        return self._galleries[key]
 
 
 def _rng(seed: int, stage: str) -> torch.Generator:
@@ -124,7 +145,18 @@ def _stages(spec: ExperimentSpec, ctx: RunContext, progress: ProgressFn) -> list
     sampler = spec.sampling.build(SAMPLERS)
     generated = sampler.sample(personalized, spec.resolution, _rng(spec.seed, "sample"))
     progress("score")
-    return [m.build(METRICS).score(generated, identity.set_A) for m in spec.metrics]
+    metrics = [ctx.metric(m) for m in spec.metrics]
+    needs_gallery = any(getattr(m, "needs_gallery", False) for m in metrics)
+    inputs = ScoreInputs(
+        generated=generated,
+        references=identity.set_A,
+        identity=spec.identity,
+        prompts=sampler.image_prompts(),
+        protected=protected.images,
+        clean=identity.set_B,
+        gallery=ctx.gallery(spec.dataset, spec.resolution) if needs_gallery else None,
+    )
+    return [evaluate(m, inputs) for m in metrics]
 
 
 def run_experiment(
@@ -161,7 +193,15 @@ def run_experiment(
                 "duration_s": time.perf_counter() - t0,
             }
         ]
-    duration = time.perf_counter() - t0
+    return metric_rows(base, results, time.perf_counter() - t0)
+
+
+def metric_rows(
+    base: dict[str, Any], results: list[MetricResult], duration: float
+) -> list[dict[str, Any]]:
+    """Long-format rows: per metric its aggregate (``image_index`` -1), one row per
+    image, and one row per reported note (``metric:note``); an unavailable metric is one
+    row with its reason."""
     rows = []
     for result in results:
         common = {
@@ -170,12 +210,23 @@ def run_experiment(
             "higher_is_better": result.higher_is_better,
             "unit": result.unit,
             "backend": result.backend,
-            "status": OK,
+            "status": result.status,
+            "error": result.reason or base.get("error"),
             "duration_s": duration,
         }
         rows.append({**common, "value": float(result.aggregate), "image_index": AGGREGATE_INDEX})
         rows += [
             {**common, "value": float(v), "image_index": i} for i, v in enumerate(result.values)
+        ]
+        rows += [
+            {
+                **common,
+                "metric": f"{result.metric}:{note}",
+                "unit": "count",
+                "value": float(v),
+                "image_index": AGGREGATE_INDEX,
+            }
+            for note, v in result.notes.items()
         ]
     return rows
 

@@ -252,5 +252,14 @@ for _name, _target in [
 ATTACKS.register("dreambooth", "antipers.attacks.dreambooth:DreamBooth")
 ATTACKS.register("lora", "antipers.attacks.lora:LoRADreamBooth")
 SAMPLERS.register("cfg", "antipers.attacks.sampling:GuidedSampler")
-METRICS.register("fdfr", "antipers.metrics.identity:FDFR")
-METRICS.register("ism", "antipers.metrics.identity:ISM")
+for _name, _target in [
+    ("fdfr", "antipers.metrics.identity:FDFR"),
+    ("ism", "antipers.metrics.identity:ISM"),
+    ("linkability", "antipers.metrics.identity:Linkability"),
+    ("brisque", "antipers.metrics.quality:Brisque"),
+    ("piqe", "antipers.metrics.quality:PIQE"),
+    ("linf", "antipers.metrics.budget:Linf"),
+    ("psnr", "antipers.metrics.budget:PSNR"),
+    ("ssim", "antipers.metrics.budget:SSIM"),
+]:
+    METRICS.register(_name, _target)

@@ -22,7 +22,7 @@ def test_end_to_end_rows_carry_every_required_column(context, tmp_path):
     df = pd.DataFrame(rows)
     assert set(REQUIRED_COLUMNS) <= set(df.columns)
     assert (df["status"] == "ok").all() and (df["spec_id"] == spec.spec_id).all()
-    assert set(df["metric"]) == {"fdfr", "ism"}
+    assert set(df["metric"]) == {"fdfr", "ism", "ism:references_without_face"}
     n_images = 2  # two prompts x one image
     for metric in ("fdfr", "ism"):
         part = df[df["metric"] == metric]

@@ -97,6 +97,10 @@ class GuidedSampler:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
 
+    def image_prompts(self) -> tuple[str, ...]:
+        """The prompt of each image ``sample`` returns, in order."""
+        return tuple(p for p in self.prompts for _ in range(self.images_per_prompt))
+
     def sample(
         self, bundle: DiffusionBundle, resolution: int, generator: torch.Generator
     ) -> torch.Tensor:

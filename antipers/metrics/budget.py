@@ -4,11 +4,15 @@ each protected photo against its clean original."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from antipers.images import to_uint8
+from antipers.metrics.base import MetricResult, MetricUnavailable, ScoreInputs, result
 
 
 def linf_255(protected: torch.Tensor, clean: torch.Tensor) -> np.ndarray:
@@ -36,3 +40,50 @@ def ssim(protected: torch.Tensor, clean: torch.Tensor) -> np.ndarray:
             for a, b in zip(to_uint8(protected), to_uint8(clean), strict=True)
         ]
     )
+
+
+class _BudgetMetric:
+    """Protected photos against their clean originals (per published photo)."""
+
+    name: ClassVar[str]
+    higher_is_better: ClassVar[bool]
+    unit: ClassVar[str]
+    fn: ClassVar[Callable[[torch.Tensor, torch.Tensor], np.ndarray]]
+
+    def score(self, inputs: ScoreInputs) -> MetricResult:
+        if inputs.protected is None or inputs.clean is None:
+            raise MetricUnavailable(
+                f"{self.name} compares protected with clean photos; none were given"
+            )
+        fn = type(self).fn
+        return result(self, fn(inputs.protected, inputs.clean), "antipers")
+
+
+@dataclass(frozen=True)
+class Linf(_BudgetMetric):
+    """Largest pixel change of each protected photo, in 1/255 (8-bit) units."""
+
+    name: ClassVar[str] = "linf"
+    higher_is_better: ClassVar[bool] = False
+    unit: ClassVar[str] = "1/255"
+    fn = staticmethod(linf_255)
+
+
+@dataclass(frozen=True)
+class PSNR(_BudgetMetric):
+    """PSNR of each protected photo against its original (8-bit)."""
+
+    name: ClassVar[str] = "psnr"
+    higher_is_better: ClassVar[bool] = True
+    unit: ClassVar[str] = "dB"
+    fn = staticmethod(psnr)
+
+
+@dataclass(frozen=True)
+class SSIM(_BudgetMetric):
+    """SSIM of each protected photo against its original."""
+
+    name: ClassVar[str] = "ssim"
+    higher_is_better: ClassVar[bool] = True
+    unit: ClassVar[str] = "ssim"
+    fn = staticmethod(ssim)

@@ -1,42 +1,36 @@
-"""Identity metrics of Anti-DreamBooth: FDFR and ISM.
+"""Identity metrics: FDFR, ISM and linkability.
 
 FDFR counts every generated image in which no face is found. ISM averages, over the
-images that do have a face, the cosine similarity of each face embedding to the
-mean embedding of the clean references; references without a face are left out of
-that mean (the reference code counted them), and the count of faces is what FDFR
-reports, so nothing is silently dropped.
+images that do have a face, the cosine similarity of each face embedding to the mean
+embedding of the clean references; references without a face are left out of that
+mean and reported (``references_without_face``), unlike the reference code, which
+counted them. Linkability is rank-1 retrieval: is the person's own gallery entry the
+nearest to each generated face among all identities of the campaign?
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 import torch
 
-from antipers.metrics.base import MetricResult
+from antipers.metrics.base import MetricResult, ScoreInputs, result
 from antipers.metrics.faces import face_backend
 
 
-def reference_embedding(references: torch.Tensor, backend_name: str) -> np.ndarray:
-    """The unit-norm mean embedding of the references that have a face."""
-    emb = face_backend(backend_name).embed(references)
+def mean_embedding(images: torch.Tensor, backend_name: str, what: str) -> tuple[np.ndarray, int]:
+    """Unit-norm mean embedding of the images that have a face, and how many had none."""
+    emb = face_backend(backend_name).embed(images)
     found = ~np.isnan(emb).any(axis=1)
     if not found.any():
         raise ValueError(
-            f"no face found in any of the {len(references)} reference images "
-            f"(backend {backend_name!r}); ISM needs at least one"
+            f"no face found in any of the {len(images)} {what} (backend {backend_name!r}); "
+            "identity metrics need at least one"
         )
     mean = emb[found].mean(axis=0)
-    return mean / np.linalg.norm(mean)
-
-
-def _nanmean(values: np.ndarray) -> float:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return float(np.nanmean(values)) if len(values) else float("nan")
+    return mean / np.linalg.norm(mean), int((~found).sum())
 
 
 @dataclass(frozen=True)
@@ -45,11 +39,13 @@ class FDFR:
 
     backend: str = "offline"
     name: ClassVar[str] = "fdfr"
+    higher_is_better: ClassVar[bool] = True
+    unit: ClassVar[str] = "fraction"
 
-    def score(self, generated: torch.Tensor, references: torch.Tensor) -> MetricResult:
+    def score(self, inputs: ScoreInputs) -> MetricResult:
         backend = face_backend(self.backend)
-        values = np.array([1.0 if box is None else 0.0 for box in backend.detect(generated)])
-        return MetricResult(self.name, values, _nanmean(values), backend.name, True, "fraction")
+        values = [1.0 if box is None else 0.0 for box in backend.detect(inputs.generated)]
+        return result(self, np.array(values), backend.name)
 
 
 @dataclass(frozen=True)
@@ -59,9 +55,41 @@ class ISM:
 
     backend: str = "offline"
     name: ClassVar[str] = "ism"
+    higher_is_better: ClassVar[bool] = False
+    unit: ClassVar[str] = "cosine"
 
-    def score(self, generated: torch.Tensor, references: torch.Tensor) -> MetricResult:
+    def score(self, inputs: ScoreInputs) -> MetricResult:
         backend = face_backend(self.backend)
-        ref = reference_embedding(references, self.backend)
-        values = backend.embed(generated) @ ref
-        return MetricResult(self.name, values, _nanmean(values), backend.name, False, "cosine")
+        ref, missing = mean_embedding(inputs.references, self.backend, "reference images")
+        values = backend.embed(inputs.generated) @ ref
+        return result(self, values, backend.name, notes={"references_without_face": float(missing)})
+
+
+@dataclass(frozen=True)
+class Linkability:
+    """Rank-1 retrieval against a gallery of every identity's mean reference face: 1 if
+    the person's own entry is the nearest, 0 if another identity's is, NaN with no face."""
+
+    backend: str = "offline"
+    needs_gallery: ClassVar[bool] = True
+    name: ClassVar[str] = "linkability"
+    higher_is_better: ClassVar[bool] = False
+    unit: ClassVar[str] = "fraction"
+
+    def score(self, inputs: ScoreInputs) -> MetricResult:
+        gallery = dict(inputs.gallery or {})
+        gallery.setdefault(inputs.identity, inputs.references)
+        if len(gallery) < 2:
+            raise ValueError("linkability needs a gallery of at least two identities")
+        names = sorted(gallery)
+        means = np.stack(
+            [mean_embedding(gallery[n], self.backend, f"gallery photos of {n!r}")[0] for n in names]
+        )
+        backend = face_backend(self.backend)
+        emb = backend.embed(inputs.generated)
+        values = np.full(len(emb), np.nan)
+        found = ~np.isnan(emb).any(axis=1)
+        if found.any():
+            nearest = np.argmax(emb[found] @ means.T, axis=1)
+            values[found] = [1.0 if names[i] == inputs.identity else 0.0 for i in nearest]
+        return result(self, values, backend.name, notes={"gallery_size": float(len(names))})

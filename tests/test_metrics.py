@@ -1,0 +1,101 @@
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms.functional import gaussian_blur
+
+from antipers.data.synthetic import SyntheticDataset
+from antipers.images import from_uint8
+from antipers.metrics.base import UNAVAILABLE, MetricUnavailable, ScoreInputs, evaluate
+from antipers.metrics.budget import PSNR, SSIM, Linf
+from antipers.metrics.quality import PIQE, Brisque
+from antipers.pipeline import RunContext, run_experiment
+from antipers.spec import ExperimentSpec
+from tests.conftest import tiny_spec_dict
+
+
+@pytest.fixture(scope="module")
+def faces():
+    return SyntheticDataset(n_identities=1, photos_per_set=2).load("synth-0000", 256).set_A
+
+
+@pytest.fixture(scope="module")
+def astronaut():
+    """A real, sharp photo of a face that scikit-image ships (public domain)."""
+    from skimage.data import astronaut
+
+    return from_uint8(astronaut())
+
+
+def degraded(images):
+    gen = torch.Generator().manual_seed(0)
+    blurred = gaussian_blur(images, [9, 9], [3.0, 3.0])
+    noised = (images + 0.15 * torch.randn(images.shape, generator=gen)).clamp(0, 1)
+    return blurred, noised
+
+
+@pytest.mark.parametrize("metric", [Brisque(), PIQE()], ids=["brisque", "piqe"])
+def test_quality_rates_blurred_and_noised_copies_worse(metric, astronaut):
+    def quality(images):
+        return metric.score(ScoreInputs(generated=images, references=astronaut)).values
+
+    original = quality(astronaut)
+    for worse in degraded(astronaut):
+        assert (quality(worse) > original).all()  # higher score = worse quality
+
+
+def test_brisque_on_a_real_photo(sample_dir):
+    from antipers.images import read_images
+
+    photo = read_images(
+        [
+            sample_dir
+            / "n000050"
+            / "set_A"
+            / sorted(p.name for p in (sample_dir / "n000050" / "set_A").iterdir())[0]
+        ],
+        512,
+    )
+    value = Brisque().score(ScoreInputs(generated=photo, references=photo)).values[0]
+    assert np.isfinite(value) and -10 < value < 60
+
+
+def test_budget_metrics(faces):
+    shifted = (faces + 4 / 255).clamp(0, 1)
+    inputs = ScoreInputs(generated=faces, references=faces, protected=shifted, clean=faces)
+    assert Linf().score(inputs).values.tolist() == [4.0, 4.0]
+    assert (PSNR().score(inputs).values > 30).all()
+    same = ScoreInputs(generated=faces, references=faces, protected=faces, clean=faces)
+    assert np.isinf(PSNR().score(same).values).all()
+    assert SSIM().score(same).values == pytest.approx([1.0, 1.0])
+    assert (SSIM().score(inputs).values < 1).all()
+
+
+def test_missing_inputs_or_weights_make_unavailable_rows_not_failures(faces):
+    inputs = ScoreInputs(generated=faces, references=faces)
+    result = evaluate(Linf(), inputs)
+    assert result.status == UNAVAILABLE and "protected with clean" in result.reason
+
+    class NeedsWeights:
+        name, higher_is_better, unit = "needs-weights", True, "score"
+
+        def score(self, inputs):
+            raise MetricUnavailable("weights file /nowhere/model.pth not found: set X")
+
+    result = evaluate(NeedsWeights(), inputs)
+    assert result.status == UNAVAILABLE and "/nowhere/model.pth" in result.reason
+    assert np.isnan(result.aggregate)
+
+
+def test_experiment_records_every_metric_family():
+    spec = ExperimentSpec.from_dict(
+        tiny_spec_dict(
+            defense={"name": "aspl", "iterations": 1, "pgd_steps": 2, "eps": 4.0},
+            metrics=["fdfr", "linf", "psnr", "brisque", "linkability"],
+        )
+    )
+    rows = run_experiment(spec, RunContext(device=torch.device("cpu")), raise_errors=True)
+    agg = {r["metric"]: r for r in rows if r["image_index"] == -1}
+    assert 0 < agg["linf"]["value"] <= 4
+    assert agg["brisque"]["status"] == "ok" and np.isfinite(agg["brisque"]["value"])
+    assert agg["linkability"]["metric"] == "linkability"
+    assert agg["linkability:gallery_size"]["value"] == 2  # both synthetic identities
