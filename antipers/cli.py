@@ -160,6 +160,41 @@ def cmd_protect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from antipers.score import ScoreError, ScoreJob, parse_metrics, run_score, write_rows
+
+    if args.resolution < 8:
+        raise CLIError(f"--resolution: expected at least 8, got {args.resolution}")
+    names = [n.strip() for n in args.metrics.split(",") if n.strip()]
+    optional = {
+        k: Path(getattr(args, k)) if getattr(args, k) else None
+        for k in ("gallery", "protected", "clean")
+    }
+    try:
+        job = ScoreJob(
+            generated=Path(args.generated),
+            references=Path(args.references),
+            metrics=parse_metrics(names, args.backend),
+            resolution=args.resolution,
+            identity=args.identity or "",
+            **optional,
+        )
+        rows = run_score(job)
+    except ScoreError as exc:
+        raise CLIError(str(exc)) from None
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    agg = df[df["image_index"] == -1]
+    cols = ["metric", "value", "unit", "backend", "status"]
+    print(agg[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    for _, row in agg[agg["status"] != "ok"].iterrows():
+        print(f"{row['metric']}: {row['status']}: {row['error']}", file=sys.stderr)
+    if args.out:
+        print(f"wrote {len(rows)} rows to {write_rows(rows, Path(args.out))}")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     kinds = [args.kind] if args.kind else list(REGISTRIES)
     for kind in kinds:
@@ -245,6 +280,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=cmd_protect)
+
+    p = sub.add_parser("score", help="score a folder of generated images against reference photos")
+    p.add_argument("generated", metavar="GENERATED_DIR", help="images to judge")
+    p.add_argument(
+        "--references", required=True, metavar="REF_DIR", help="clean photos of the person"
+    )
+    p.add_argument("--metrics", default="fdfr,ism", help="comma-separated (antipers list metrics)")
+    p.add_argument("--backend", help="face backend for the identity metrics (offline)")
+    p.add_argument("--identity", help="the person's name in the gallery (default: REF_DIR's name)")
+    p.add_argument("--gallery", metavar="DIR", help="folder of identity folders (linkability)")
+    p.add_argument("--protected", metavar="DIR", help="protected photos (budget metrics)")
+    p.add_argument("--clean", metavar="DIR", help="their clean originals, same names order")
+    p.add_argument("--resolution", type=int, default=512, help="images are resized to this")
+    p.add_argument("--out", metavar="FILE.parquet", help="write the rows here")
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("list", help="registered components with their parameters and defaults")
     p.add_argument("kind", nargs="?", choices=list(REGISTRIES), help="one kind only")
