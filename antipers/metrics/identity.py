@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from antipers.metrics.base import MetricResult, ScoreInputs, result
-from antipers.metrics.faces import face_backend
+from antipers.metrics.faces import BackendName, face_backend
 
 
 def mean_embedding(images: torch.Tensor, backend_name: str, what: str) -> tuple[np.ndarray, int]:
@@ -37,7 +37,7 @@ def mean_embedding(images: torch.Tensor, backend_name: str, what: str) -> tuple[
 class FDFR:
     """Face detection failure rate: share of generated images with no face."""
 
-    backend: str = "offline"
+    backend: BackendName = "offline"
     name: ClassVar[str] = "fdfr"
     higher_is_better: ClassVar[bool] = True
     unit: ClassVar[str] = "fraction"
@@ -53,7 +53,7 @@ class ISM:
     """Identity score matching: cosine similarity of each generated face to the mean
     reference face (NaN where no face is found)."""
 
-    backend: str = "offline"
+    backend: BackendName = "offline"
     name: ClassVar[str] = "ism"
     higher_is_better: ClassVar[bool] = False
     unit: ClassVar[str] = "cosine"
@@ -70,7 +70,7 @@ class Linkability:
     """Rank-1 retrieval against a gallery of every identity's mean reference face: 1 if
     the person's own entry is the nearest, 0 if another identity's is, NaN with no face."""
 
-    backend: str = "offline"
+    backend: BackendName = "offline"
     needs_gallery: ClassVar[bool] = True
     name: ClassVar[str] = "linkability"
     higher_is_better: ClassVar[bool] = False
