@@ -261,5 +261,9 @@ for _name, _target in [
     ("linf", "antipers.metrics.budget:Linf"),
     ("psnr", "antipers.metrics.budget:PSNR"),
     ("ssim", "antipers.metrics.budget:SSIM"),
+    ("clip-i", "antipers.metrics.fidelity:CLIPImage"),
+    ("clip-t", "antipers.metrics.fidelity:CLIPText"),
+    ("dino", "antipers.metrics.fidelity:DINO"),
+    ("fid", "antipers.metrics.fidelity:FID"),
 ]:
     METRICS.register(_name, _target)
