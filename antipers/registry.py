@@ -261,6 +261,7 @@ for _name, _target in [
     ("linf", "antipers.metrics.budget:Linf"),
     ("psnr", "antipers.metrics.budget:PSNR"),
     ("ssim", "antipers.metrics.budget:SSIM"),
+    ("lpips", "antipers.metrics.budget:LPIPS"),
     ("clip-i", "antipers.metrics.fidelity:CLIPImage"),
     ("clip-t", "antipers.metrics.fidelity:CLIPText"),
     ("dino", "antipers.metrics.fidelity:DINO"),

@@ -99,3 +99,38 @@ def test_experiment_records_every_metric_family():
     assert agg["brisque"]["status"] == "ok" and np.isfinite(agg["brisque"]["value"])
     assert agg["linkability"]["metric"] == "linkability"
     assert agg["linkability:gallery_size"]["value"] == 2  # both synthetic identities
+
+
+def test_lpips_through_pyiqa_with_random_init_weights(faces, tmp_path, monkeypatch):
+    """pyiqa's real LPIPS code path; only the (random, seeded) weights differ."""
+    from torchvision.models import alexnet
+
+    from antipers.metrics.budget import ALEXNET_FILE, LPIPS
+
+    inputs = ScoreInputs(generated=faces, references=faces, protected=faces.flip(-1), clean=faces)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("ANTIPERS_LPIPS_WEIGHTS", raising=False)
+    result = evaluate(LPIPS(), inputs)
+    assert result.status == UNAVAILABLE and "ANTIPERS_LPIPS_WEIGHTS" in result.reason
+
+    torch.manual_seed(0)
+    lin = {
+        f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1)
+        for i, c in enumerate([64, 192, 384, 256, 256])
+    }
+    torch.save(lin, tmp_path / "lin.pth")
+    result = evaluate(LPIPS(weights=str(tmp_path / "lin.pth")), inputs)
+    assert result.status == UNAVAILABLE and ALEXNET_FILE in result.reason
+
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save(alexnet(weights=None).state_dict(), checkpoints / ALEXNET_FILE)
+    metric = LPIPS(weights=str(tmp_path / "lin.pth"))
+    changed = metric.score(inputs).values
+    same = metric.score(ScoreInputs(faces, faces, protected=faces, clean=faces)).values
+    assert changed.shape == (2,) and (changed > 0).all()
+    assert same == pytest.approx([0.0, 0.0], abs=1e-6)
+    from antipers.metrics.budget import _lpips_net
+
+    loaded = _lpips_net(str(tmp_path / "lin.pth")).lin0.model[1].weight
+    assert torch.equal(loaded, lin["lin0.model.1.weight"])  # our file, not a silent default

@@ -3,9 +3,12 @@ each protected photo against its clean original."""
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -87,3 +90,45 @@ class SSIM(_BudgetMetric):
     higher_is_better: ClassVar[bool] = True
     unit: ClassVar[str] = "ssim"
     fn = staticmethod(ssim)
+
+
+ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet IMAGENET1K_V1
+
+
+@functools.lru_cache(maxsize=2)
+def _lpips_net(lin_weights: str) -> torch.nn.Module:
+    from pyiqa.archs.lpips_arch import LPIPS as PyiqaLPIPS
+
+    return PyiqaLPIPS(
+        pretrained=False, net="alex", version="0.1", pretrained_model_path=lin_weights
+    ).eval()
+
+
+@dataclass(frozen=True)
+class LPIPS:
+    """LPIPS (v0.1, AlexNet) of each protected photo against its original, through
+    pyiqa. Needs two local files: the LPIPS linear layers (``weights`` or
+    ``$ANTIPERS_LPIPS_WEIGHTS``, e.g. pyiqa's ``LPIPS_v0.1_alex-df73285e.pth``) and
+    torchvision's AlexNet checkpoint in the torch hub cache (never downloaded here)."""
+
+    weights: str = ""
+    name: ClassVar[str] = "lpips"
+    higher_is_better: ClassVar[bool] = False
+    unit: ClassVar[str] = "lpips"
+
+    def score(self, inputs: ScoreInputs) -> MetricResult:
+        if inputs.protected is None or inputs.clean is None:
+            raise MetricUnavailable("lpips compares protected with clean photos; none were given")
+        lin = self.weights or os.environ.get("ANTIPERS_LPIPS_WEIGHTS", "")
+        if not lin or not Path(lin).expanduser().is_file():
+            raise MetricUnavailable(
+                f"lpips: linear-layer weights {lin or '(not set)'} not found; set the metric's "
+                "weights or $ANTIPERS_LPIPS_WEIGHTS"
+            )
+        backbone = Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
+        if not backbone.is_file():
+            raise MetricUnavailable(f"lpips: AlexNet checkpoint not found at {backbone}")
+        net = _lpips_net(str(Path(lin).expanduser()))
+        with torch.no_grad():
+            values = net(inputs.protected.cpu(), inputs.clean.cpu(), normalize=True)
+        return result(self, values.flatten().double().numpy(), "pyiqa-lpips-alex")
