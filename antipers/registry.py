@@ -258,6 +258,7 @@ for _name, _target in [
     ("linkability", "antipers.metrics.identity:Linkability"),
     ("brisque", "antipers.metrics.quality:Brisque"),
     ("piqe", "antipers.metrics.quality:PIQE"),
+    ("serfiq", "antipers.metrics.serfiq:SERFIQ"),
     ("linf", "antipers.metrics.budget:Linf"),
     ("psnr", "antipers.metrics.budget:PSNR"),
     ("ssim", "antipers.metrics.budget:SSIM"),
