@@ -25,7 +25,10 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise CLIError(f"--set {item!r}: expected KEY=VALUE, e.g. --set defense.eps=6")
-        out[key] = yaml.safe_load(value)
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise CLIError(f"--set {item!r}: cannot parse the value ({exc})") from None
     return out
 
 
@@ -319,10 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["ANTIPERS_DATA_DIR"] = str(Path(args.data_dir).expanduser().absolute())
     try:
         return args.func(args)
-    except (CLIError, SpecError, RegistryError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:
+    except (CLIError, SpecError, RegistryError, ValueError, OSError) as exc:
+        # user-facing mistakes and unusable paths (missing, not a folder, no permission)
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

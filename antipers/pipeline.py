@@ -56,7 +56,14 @@ class RunContext:
     def base_model(self, spec: ComponentSpec) -> DiffusionBundle:
         if spec not in self._bundles:
             bundle = spec.build(BASE_MODELS).load(self.device)
-            bundle.fingerprint = canonical_json(spec.to_dict())
+            bundle.fingerprint = canonical_json(
+                {
+                    "model": spec.to_dict(),
+                    "source": bundle.source,  # a local folder's path and weights' mtime
+                    "device": self.device.type,
+                    "bf16": bundle.mixed_precision and self.device.type == "cuda",
+                }
+            )
             self._bundles[spec] = bundle
         return self._bundles[spec]
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -141,6 +143,20 @@ def type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "")
 
 
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _float_or_none(value: Any) -> float | None:
+    """Numbers, and numeric strings such as ``"5e-7"`` (YAML 1.1 reads that as a string)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str) and _FLOAT.match(value.strip()):
+        return float(value)
+    return None
+
+
 def coerce(value: Any, tp: Any, field: str) -> Any:
     """``value`` as type ``tp`` or a SpecError naming ``field`` and the expected type."""
     origin = typing.get_origin(tp)
@@ -183,8 +199,11 @@ def coerce(value: Any, tp: Any, field: str) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        number = _float_or_none(value)
+        if number is not None:
+            if not math.isfinite(number):
+                raise SpecError(f"{field}: expected a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value

@@ -96,7 +96,9 @@ class ResultStore:
         if len(spec_ids) != 1:
             raise ValueError(f"one experiment per file, got spec_ids {sorted(spec_ids)}")
         spec_id = spec_ids.pop()
-        status = ERROR if any(r["status"] == ERROR for r in rows) else OK
+        # the experiment failed only if it has an experiment-level error row (no metric);
+        # a metric that could not score is recorded but does not make the run retry
+        status = ERROR if any(r["status"] == ERROR and not r["metric"] for r in rows) else OK
         table = rows_to_table(rows)
         final = self._path(spec_id, status)
         tmp = f"{self.root}/.tmp-{spec_id}-{uuid.uuid4().hex}.part"
@@ -125,31 +127,34 @@ class ResultStore:
             and not i.base_name.startswith(".")
         ]
 
+    def _latest(self) -> dict[str, pafs.FileInfo]:
+        """Per spec_id its newest file: after a forced rerun fails, the error shows
+        rather than the older ok result (which stays on disk)."""
+        latest: dict[str, pafs.FileInfo] = {}
+        for info in self._files():
+            sid = info.base_name.removesuffix(".parquet").removesuffix(".error")
+            seen = latest.get(sid)
+            if seen is None or (info.mtime_ns or 0) > (seen.mtime_ns or 0):
+                latest[sid] = info
+        return latest
+
     def finished_ids(self) -> set[str]:
-        """spec_ids stored with status ok: a rerun skips these."""
+        """spec_ids whose newest result is ok: a rerun skips these."""
         return {
-            i.base_name.removesuffix(".parquet")
-            for i in self._files()
-            if not i.base_name.endswith(".error.parquet")
+            sid
+            for sid, info in self._latest().items()
+            if not info.base_name.endswith(".error.parquet")
         }
 
     def failed_ids(self) -> set[str]:
-        return {
-            i.base_name.removesuffix(".error.parquet")
-            for i in self._files()
-            if i.base_name.endswith(".error.parquet")
-        } - self.finished_ids()
+        return set(self._latest()) - self.finished_ids()
 
     def load(self, spec_ids: Iterable[str] | None = None) -> pd.DataFrame:
-        """Every stored row (or those of ``spec_ids``) as one DataFrame."""
+        """The newest rows of every stored experiment (or of ``spec_ids``) as one DataFrame."""
         wanted = set(spec_ids) if spec_ids is not None else None
-        ok = self.finished_ids()
-        paths = []
-        for info in self._files():
-            sid = info.base_name.removesuffix(".parquet").removesuffix(".error")
-            is_error = info.base_name.endswith(".error.parquet")
-            if (wanted is None or sid in wanted) and not (is_error and sid in ok):
-                paths.append(info.path)
+        paths = [
+            info.path for sid, info in self._latest().items() if wanted is None or sid in wanted
+        ]
         if not paths:
             return SCHEMA.empty_table().to_pandas()
         return pads.dataset(sorted(paths), schema=SCHEMA, filesystem=self.fs).to_table().to_pandas()

@@ -18,7 +18,8 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from antipers import __version__
-from antipers.data.folders import scan_photos
+from antipers.data.folders import AntiDreamBoothFolders, is_antidreambooth_layout, scan_photos
+from antipers.data.identity import DatasetError
 from antipers.images import read_images
 from antipers.metrics.base import ScoreInputs, evaluate
 from antipers.pipeline import metric_rows
@@ -96,7 +97,16 @@ class ScoreJob:
             people = sorted(p for p in self.gallery.iterdir() if p.is_dir())
             if not people:
                 raise ScoreError(f"{self.gallery}: no identity folders in the gallery")
-            gallery = {p.name: read_images(photos_in(p, "gallery"), size) for p in people}
+            if is_antidreambooth_layout(self.gallery):  # use each identity's clean set_A
+                layout = AntiDreamBoothFolders(str(self.gallery))
+                gallery = {p.name: layout.load(p.name, size).set_A for p in people}
+            else:
+                gallery = {p.name: read_images(photos_in(p, "gallery"), size) for p in people}
+            if identity not in gallery:
+                raise ScoreError(
+                    f"--identity {identity!r} is not in the gallery {self.gallery} "
+                    f"(it has {', '.join(sorted(gallery))}); name the person with --identity"
+                )
         protected = clean = None
         if (self.protected is None) != (self.clean is None):
             raise ScoreError("--protected and --clean go together")
@@ -121,7 +131,10 @@ class ScoreJob:
 def run_score(job: ScoreJob) -> list[dict[str, Any]]:
     started = datetime.now(UTC)
     t0 = time.perf_counter()
-    inputs = job.inputs()
+    try:
+        inputs = job.inputs()
+    except DatasetError as exc:
+        raise ScoreError(str(exc)) from None
     results = [evaluate(m.build(METRICS), inputs) for m in job.metrics]
     spec_json = job.spec_json()
     base = {

@@ -163,9 +163,11 @@ class ExperimentSpec:
         metrics = merged["metrics"]
         if isinstance(metrics, (str, Mapping)) or not isinstance(metrics, (list, tuple)):
             raise SpecError(f"metrics: expected a list of metric names, got {metrics!r}")
-        kwargs["metrics"] = tuple(
-            ComponentSpec.parse(m, METRICS, f"metrics[{i}]") for i, m in enumerate(metrics)
-        )
+        if not metrics:
+            raise SpecError("metrics: name at least one metric (antipers list metrics)")
+        parsed = {ComponentSpec.parse(m, METRICS, f"metrics[{i}]") for i, m in enumerate(metrics)}
+        # order and repeats do not change the experiment, so they do not change spec_id
+        kwargs["metrics"] = tuple(sorted(parsed, key=lambda c: canonical_json(c.to_dict())))
         kwargs["identity"] = coerce(merged["identity"], str, "identity")
         kwargs["suite"] = coerce(merged["suite"], str, "suite")
         kwargs["protocol"] = coerce(merged["protocol"], str, "protocol")

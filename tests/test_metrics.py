@@ -134,3 +134,13 @@ def test_lpips_through_pyiqa_with_random_init_weights(faces, tmp_path, monkeypat
 
     loaded = _lpips_net(str(tmp_path / "lin.pth")).lin0.model[1].weight
     assert torch.equal(loaded, lin["lin0.model.1.weight"])  # our file, not a silent default
+
+
+def test_a_failing_metric_is_an_error_row_for_itself_only(faces):
+    from antipers.metrics.identity import ISM
+
+    noise = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    inputs = ScoreInputs(generated=noise, references=noise, protected=noise, clean=noise)
+    failed = evaluate(ISM(), inputs)  # no face in any reference
+    assert failed.status == "error" and "no face found" in failed.reason
+    assert evaluate(Linf(), inputs).status == "ok"

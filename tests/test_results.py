@@ -29,7 +29,7 @@ def make_rows(spec_id: str, n: int = 3, status: str = "ok") -> list[dict]:
             "countermeasure_params": "{}",
             "attack": "lora",
             "attack_params": "{}",
-            "metric": "fdfr",
+            "metric": "" if status == "error" else "fdfr",
             "value": float(i),
             "higher_is_better": True,
             "unit": "fraction",
@@ -119,3 +119,24 @@ def test_written_file_is_plain_parquet(tmp_path):
     path = ResultStore(str(tmp_path)).write(make_rows("p", 2))
     table = pq.read_table(path)
     assert table.num_rows == 2 and math.isclose(table["value"][1].as_py(), 1.0)
+
+
+def test_failed_forced_rerun_is_not_hidden_by_an_older_ok_result(tmp_path):
+    store = ResultStore(str(tmp_path))
+    store.write(make_rows("f", 2))
+    time.sleep(0.01)
+    rows = make_rows("f", 1, status="error")
+    for r in rows:
+        assert r["metric"] == ""  # an experiment-level failure
+    store.write(rows)
+    assert store.failed_ids() == {"f"} and store.finished_ids() == set()
+    assert store.load()["status"].tolist() == ["error"]
+    assert (tmp_path / "f.parquet").exists()  # the older ok result is kept on disk
+
+
+def test_a_metric_error_does_not_fail_the_experiment(tmp_path):
+    store = ResultStore(str(tmp_path))
+    rows = make_rows("m", 2)
+    rows[1]["status"], rows[1]["error"] = "error", "ValueError: no face"
+    store.write(rows)
+    assert store.finished_ids() == {"m"}

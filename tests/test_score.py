@@ -112,3 +112,38 @@ def test_score_bad_inputs(folders, tmp_path, capsys, setup, args, message):
     argv = ["score", *[a.format(**names) for a in args], "--references", str(folders["refs"])]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_score_identity_must_be_in_the_gallery(folders, capsys):
+    code = main(
+        [
+            "score",
+            str(folders["gen"]),
+            "--references",
+            str(folders["refs"]),
+            "--metrics",
+            "linkability",
+            "--gallery",
+            str(folders["gallery"]),
+            "--resolution",
+            "128",
+        ]
+    )
+    assert code == 2
+    assert "--identity 'refs' is not in the gallery" in capsys.readouterr().err
+
+
+def test_cli_bad_yaml_value_is_a_clear_error(capsys):
+    from tests.conftest import REPO
+
+    code = main(
+        [
+            "experiment",
+            str(REPO / "campaigns" / "example.yaml"),
+            "--store",
+            "/tmp/x",
+            "--set",
+            "defense.eot=[jpeg",
+        ]
+    )
+    assert code == 2 and "cannot parse the value" in capsys.readouterr().err

@@ -135,3 +135,24 @@ def test_bad_file_is_named(tmp_path):
 def test_bundled_example_is_valid():
     spec = load_spec(REPO / "campaigns" / "example.yaml")
     assert spec.base_model.name == "tiny" and spec.dataset.name == "synthetic"
+
+
+def test_metric_order_and_repeats_do_not_change_the_experiment():
+    a = ExperimentSpec.from_dict(tiny_spec_dict(metrics=["fdfr", "ism"]))
+    b = ExperimentSpec.from_dict(tiny_spec_dict(metrics=["ism", "fdfr", "ism"]))
+    assert a.spec_id == b.spec_id
+    with pytest.raises(SpecError, match="metrics: name at least one metric"):
+        ExperimentSpec.from_dict(tiny_spec_dict(metrics=[]))
+
+
+def test_floats_written_as_yaml_strings_and_non_finite_values():
+    spec = ExperimentSpec.from_dict(tiny_spec_dict(attack={"name": "lora", "lr": "5e-7"}))
+    assert spec.attack["lr"] == 5e-7  # YAML 1.1 reads 5e-7 as a string
+    with pytest.raises(SpecError, match="attack.max_grad_norm: expected a finite number"):
+        ExperimentSpec.from_dict(
+            tiny_spec_dict(attack={"name": "lora", "max_grad_norm": float("inf")})
+        )
+    with pytest.raises(SpecError, match="defense 'aspl': eps: expected a budget in \\[1, 255\\]"):
+        ExperimentSpec.from_dict(tiny_spec_dict(defense={"name": "aspl", "eps": 0.5}))
+    with pytest.raises(SpecError, match="steps \\(20\\) cannot exceed the timestep t \\(10\\)"):
+        ExperimentSpec.from_dict(tiny_spec_dict(countermeasure={"name": "purify", "t": 10}))

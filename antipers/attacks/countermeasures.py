@@ -127,6 +127,8 @@ class Purify:
     def __post_init__(self) -> None:
         if self.t < 0 or self.steps < 1:
             raise ValueError(f"t must be >= 0 and steps >= 1, got t={self.t}, steps={self.steps}")
+        if self.t and self.steps > self.t:
+            raise ValueError(f"steps ({self.steps}) cannot exceed the timestep t ({self.t})")
 
     def apply(self, images: torch.Tensor, env: AttackEnv) -> torch.Tensor:
         if self.t == 0:
@@ -138,11 +140,13 @@ class Purify:
         if self.t >= train_steps:
             raise ValueError(f"purify.t: expected < {train_steps}, got {self.t}")
         sched = DDIMScheduler.from_config(bundle.scheduler.config)
-        sched.set_timesteps(max(1, round(self.steps * train_steps / self.t)), device=bundle.device)
-        timesteps = [t for t in sched.timesteps if t <= self.t]
+        spacing = self.t // self.steps  # the DDIM grid whose points below t are `steps` many
+        sched.set_timesteps(train_steps // spacing, device=bundle.device)
+        timesteps = [t for t in sched.timesteps if t <= self.t][: self.steps]
         with torch.no_grad():
             latents = bundle.encode(images, env.generator)
-            start = torch.full((latents.shape[0],), self.t, device=bundle.device)
+            # noise exactly to the first timestep the denoiser starts from
+            start = torch.full((latents.shape[0],), int(timesteps[0]), device=bundle.device)
             noisy = bundle.scheduler.add_noise(
                 latents, bundle.noise_like(latents, env.generator), start
             )

@@ -147,10 +147,12 @@ def finetune(
                     loss = loss + config.prior_weight * prior
                 (loss / config.grad_accum).backward()
                 total += float(loss.detach()) / config.grad_accum
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
+            try:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                schedule.step()
+            finally:
+                optimizer.zero_grad(set_to_none=True)
             losses.append(total)
             if (step + 1) % every == 0 or step + 1 == config.steps:
                 log.info("finetune step %d/%d loss %.4f", step + 1, config.steps, total)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from antipers.data.identity import SETS, DatasetError, IdentitySet
-from antipers.images import resize
+from antipers.images import quantize, resize
 
 LATENT_DIM = 100
 PREFIX = "synth-"
@@ -76,7 +76,8 @@ class SyntheticDataset:
         latents = base + self.nudge * torch.randn(n, LATENT_DIM, generator=gen)
         with torch.no_grad():
             faces = face_generator()(latents[:, :, None, None])
-        return resize(((faces + 1.0) / 2.0).clamp(0, 1), resolution)
+        # on the 8-bit grid, like any published photo read back from a PNG
+        return quantize(resize(((faces + 1.0) / 2.0).clamp(0, 1), resolution))
 
     def load(self, identity: str, resolution: int) -> IdentitySet:
         faces = self.faces(self.index(identity), resolution)

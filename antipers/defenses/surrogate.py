@@ -68,10 +68,16 @@ class Surrogate:
             bundle, _ = attack.trainable(base, generator)
             return cls(bundle, attack, trainable_parameters(bundle), prompt, offload)
         attack = DreamBooth(**common)
-        for part in PARTS[: 2 if train_text_encoder else 1]:
+        parts = PARTS[: 2 if train_text_encoder else 1]
+        params = {
+            f"{part}.{name}": p
+            for part in parts
+            for name, p in getattr(base, part).named_parameters()
+        }
+        surrogate = cls(base, attack, params, prompt, offload)
+        surrogate._original = surrogate.snapshot()  # before anything changes on the base
+        for part in parts:
             getattr(base, part).requires_grad_(True)
-        surrogate = cls(base, attack, trainable_parameters(base), prompt, offload)
-        surrogate._original = surrogate.snapshot()
         return surrogate
 
     def __enter__(self) -> Surrogate:
@@ -87,6 +93,7 @@ class Surrogate:
         if self._original is not None:
             self.restore(self._original)
             for p in self.trainable.values():
+                p.grad = None  # an interrupted step must not leave gradients on the base
                 p.requires_grad_(False)
             self._original = None
 

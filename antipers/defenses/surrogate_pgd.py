@@ -48,8 +48,9 @@ class SurrogatePGD:
     def __post_init__(self) -> None:
         from antipers.registry import COUNTERMEASURES
 
-        if not 0 < self.eps <= 255:
-            raise ValueError(f"eps: expected a budget in (0, 255] pixel units, got {self.eps}")
+        if not 1 <= self.eps <= 255:
+            # below one 8-bit level no published PNG can differ from the original
+            raise ValueError(f"eps: expected a budget in [1, 255] pixel units, got {self.eps}")
         if self.step_size <= 0:
             raise ValueError(f"step_size: expected > 0, got {self.step_size}")
         if self.pgd_steps < 1:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-OK, UNAVAILABLE = "ok", "unavailable"
+OK, UNAVAILABLE, ERROR = "ok", "unavailable", "error"
 
 
 class MetricUnavailable(RuntimeError):
@@ -77,11 +77,14 @@ def result(metric: object, values: np.ndarray, backend: str, **extra: object) ->
 
 
 def evaluate(metric: object, inputs: ScoreInputs) -> MetricResult:
-    """``metric.score(inputs)``, with a missing-weights failure turned into an
-    ``unavailable`` result that carries the reason."""
+    """``metric.score(inputs)``. A missing-weights failure becomes an ``unavailable``
+    result, any other failure an ``error`` result for this metric alone: one metric
+    that cannot score (no face in any reference) never discards the others."""
     try:
         return metric.score(inputs)  # type: ignore[attr-defined]
-    except MetricUnavailable as exc:
+    except Exception as exc:
+        status = UNAVAILABLE if isinstance(exc, MetricUnavailable) else ERROR
+        reason = str(exc) if status == UNAVAILABLE else f"{type(exc).__name__}: {exc}"
         return MetricResult(
             metric=metric.name,  # type: ignore[attr-defined]
             values=np.array([]),
@@ -89,6 +92,6 @@ def evaluate(metric: object, inputs: ScoreInputs) -> MetricResult:
             backend=getattr(metric, "backend", "") or "",
             higher_is_better=metric.higher_is_better,  # type: ignore[attr-defined]
             unit=metric.unit,  # type: ignore[attr-defined]
-            status=UNAVAILABLE,
-            reason=str(exc),
+            status=status,
+            reason=reason,
         )

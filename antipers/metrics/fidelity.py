@@ -154,7 +154,9 @@ def frechet_distance(
 def _inception(path: str) -> torch.nn.Module:
     from torchvision.models import inception_v3
 
-    model = inception_v3(weights=None, aux_logits=True, init_weights=False)
+    # transform_input: torchvision's Inception weights expect it (on by default when
+    # torchvision loads them itself); it maps the ImageNet-normalised input to [-1, 1].
+    model = inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=True)
     state = torch.load(path, map_location="cpu", weights_only=True)
     try:
         model.load_state_dict(state)

@@ -33,6 +33,7 @@ class DiffusionBundle:
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
     mixed_precision: bool = True
     fingerprint: str = ""  # what the weights are (the base model's spec); "" once trained
+    source: str = ""  # where the weights came from (a local folder and its mtime)
 
     # ---- placement -------------------------------------------------------------------
     def to(self, device: torch.device | str) -> DiffusionBundle:

@@ -57,6 +57,7 @@ def load_diffusers_folder(path: Path, label: str, device: torch.device) -> Diffu
         text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
         tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
         scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
+        source=f"{path.resolve()}@{max(p.stat().st_mtime for p in (path / 'unet').iterdir())}",
     )
     return bundle.frozen().to(device)
 
