@@ -53,13 +53,17 @@ class _BudgetMetric:
     unit: ClassVar[str]
     fn: ClassVar[Callable[[torch.Tensor, torch.Tensor], np.ndarray]]
 
+    backend_name: ClassVar[str] = "antipers"
+
+    def compare(self, protected: torch.Tensor, clean: torch.Tensor) -> np.ndarray:
+        return type(self).fn(protected, clean)
+
     def score(self, inputs: ScoreInputs) -> MetricResult:
         if inputs.protected is None or inputs.clean is None:
             raise MetricUnavailable(
                 f"{self.name} compares protected with clean photos; none were given"
             )
-        fn = type(self).fn
-        return result(self, fn(inputs.protected, inputs.clean), "antipers")
+        return result(self, self.compare(inputs.protected, inputs.clean), self.backend_name)
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,7 @@ def _lpips_net(lin_weights: str) -> torch.nn.Module:
 
 
 @dataclass(frozen=True)
-class LPIPS:
+class LPIPS(_BudgetMetric):
     """LPIPS (v0.1, AlexNet) of each protected photo against its original, through
     pyiqa. Needs two local files: the LPIPS linear layers (``weights`` or
     ``$ANTIPERS_LPIPS_WEIGHTS``, e.g. pyiqa's ``LPIPS_v0.1_alex-df73285e.pth``) and
@@ -115,10 +119,9 @@ class LPIPS:
     name: ClassVar[str] = "lpips"
     higher_is_better: ClassVar[bool] = False
     unit: ClassVar[str] = "lpips"
+    backend_name: ClassVar[str] = "pyiqa-lpips-alex"
 
-    def score(self, inputs: ScoreInputs) -> MetricResult:
-        if inputs.protected is None or inputs.clean is None:
-            raise MetricUnavailable("lpips compares protected with clean photos; none were given")
+    def compare(self, protected: torch.Tensor, clean: torch.Tensor) -> np.ndarray:
         lin = self.weights or os.environ.get("ANTIPERS_LPIPS_WEIGHTS", "")
         if not lin or not Path(lin).expanduser().is_file():
             raise MetricUnavailable(
@@ -130,5 +133,5 @@ class LPIPS:
             raise MetricUnavailable(f"lpips: AlexNet checkpoint not found at {backbone}")
         net = _lpips_net(str(Path(lin).expanduser()))
         with torch.no_grad():
-            values = net(inputs.protected.cpu(), inputs.clean.cpu(), normalize=True)
-        return result(self, values.flatten().double().numpy(), "pyiqa-lpips-alex")
+            values = net(protected.cpu(), clean.cpu(), normalize=True)
+        return values.flatten().double().numpy()

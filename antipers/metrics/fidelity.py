@@ -65,6 +65,14 @@ def _unit(x: torch.Tensor) -> np.ndarray:
     return F.normalize(x.float(), dim=-1).detach().cpu().numpy().astype(np.float64)
 
 
+def _similarity_to_references(
+    metric: Any, embed: Any, inputs: ScoreInputs, backend: str
+) -> MetricResult:
+    """Each generated image's mean cosine similarity to the reference embeddings."""
+    gen, ref = embed(inputs.generated), embed(inputs.references)
+    return result(metric, (gen @ ref.T).mean(axis=1), backend)
+
+
 def _clip_images(folder: Path, images: torch.Tensor) -> np.ndarray:
     model, processor = _clip(str(folder))
     with torch.no_grad():
@@ -83,9 +91,9 @@ class CLIPImage:
 
     def score(self, inputs: ScoreInputs) -> MetricResult:
         folder = _local(self.path, "ANTIPERS_CLIP_DIR", "clip-i (a CLIP folder)", folder=True)
-        gen = _clip_images(folder, inputs.generated)
-        ref = _clip_images(folder, inputs.references)
-        return result(self, (gen @ ref.T).mean(axis=1), f"clip:{folder.name}")
+        return _similarity_to_references(
+            self, lambda x: _clip_images(folder, x), inputs, f"clip:{folder.name}"
+        )
 
 
 @dataclass(frozen=True)
@@ -129,8 +137,9 @@ class DINO:
 
     def score(self, inputs: ScoreInputs) -> MetricResult:
         folder = _local(self.path, "ANTIPERS_DINO_DIR", "dino (a DINO ViT folder)", folder=True)
-        gen, ref = self._embed(folder, inputs.generated), self._embed(folder, inputs.references)
-        return result(self, (gen @ ref.T).mean(axis=1), f"dino:{folder.name}")
+        return _similarity_to_references(
+            self, lambda x: self._embed(folder, x), inputs, f"dino:{folder.name}"
+        )
 
 
 def frechet_distance(
