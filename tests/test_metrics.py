@@ -144,3 +144,27 @@ def test_a_failing_metric_is_an_error_row_for_itself_only(faces):
     failed = evaluate(ISM(), inputs)  # no face in any reference
     assert failed.status == "error" and "no face found" in failed.reason
     assert evaluate(Linf(), inputs).status == "ok"
+
+
+@pytest.mark.parametrize("name", ["clipiqa", "liqe", "topiq-face"])
+def test_pyiqa_weighted_metrics_are_unavailable_without_local_weights(name, faces):
+    from antipers.registry import METRICS
+
+    result = evaluate(METRICS.build(name), ScoreInputs(faces[:1], faces[:1]))
+    assert result.status == UNAVAILABLE  # these weights are not on this machine
+    assert (
+        name.split("-")[0] in result.reason
+        and "cached" in result.reason
+        or "there" in result.reason
+    )
+
+
+def test_refuse_downloads_stops_a_fetch_before_the_network():
+    import torch.hub
+
+    from antipers.metrics.offline import refuse_downloads
+
+    original = torch.hub.download_url_to_file
+    with pytest.raises(MetricUnavailable, match="never downloads"), refuse_downloads("test"):
+        torch.hub.download_url_to_file("https://example.invalid/w.pth", "/tmp/w.pth")
+    assert torch.hub.download_url_to_file is original  # hooks are put back

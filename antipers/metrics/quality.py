@@ -2,7 +2,9 @@
 
 ``brisque``: the ``brisque`` package, the implementation Anti-DreamBooth and APDM
 report (lower is better quality, so a defense wants it higher). ``piqe``: pyiqa's
-weight-free PIQE. Both models load once per process.
+weight-free PIQE. ``clipiqa``, ``liqe``, ``topiq-face``: pyiqa models whose weights
+must already be in pyiqa's cache (``$TORCH_HOME/hub/pyiqa``, CLIP under ``.../clip``);
+they are never downloaded. Every model loads once per process.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 
 from antipers.images import to_uint8
 from antipers.metrics.base import MetricResult, ScoreInputs, result
+from antipers.metrics.offline import refuse_downloads
 
 
 @functools.lru_cache(maxsize=1)
@@ -46,23 +49,64 @@ class Brisque:
         return result(self, np.array(values), "brisque-package")
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def _pyiqa_metric(name: str, device: str) -> Any:
+    """A pyiqa metric built from local files only (see ``refuse_downloads``)."""
     import pyiqa
 
-    return pyiqa.create_metric(name, device=device, as_loss=False)
+    with refuse_downloads(f"pyiqa {name}"):
+        return pyiqa.create_metric(name, device=device, as_loss=False)
+
+
+class _PyiqaNR:
+    """A pyiqa no-reference metric scored image by image."""
+
+    pyiqa_name: ClassVar[str]
+    name: ClassVar[str]
+
+    def score(self, inputs: ScoreInputs) -> MetricResult:
+        images = inputs.generated
+        metric = _pyiqa_metric(self.pyiqa_name, str(images.device))
+        values = [float(metric(images[i : i + 1])) for i in range(len(images))]
+        return result(self, np.array(values), f"pyiqa-{self.pyiqa_name}")
 
 
 @dataclass(frozen=True)
-class PIQE:
+class PIQE(_PyiqaNR):
     """PIQE (pyiqa, no weights needed): higher means worse quality."""
 
+    pyiqa_name: ClassVar[str] = "piqe"
     name: ClassVar[str] = "piqe"
     higher_is_better: ClassVar[bool] = True
     unit: ClassVar[str] = "score"
 
-    def score(self, inputs: ScoreInputs) -> MetricResult:
-        images = inputs.generated
-        metric = _pyiqa_metric("piqe", str(images.device))
-        values = [float(metric(images[i : i + 1])) for i in range(len(images))]
-        return result(self, np.array(values), "pyiqa-piqe")
+
+@dataclass(frozen=True)
+class CLIPIQA(_PyiqaNR):
+    """CLIP-IQA (pyiqa; CLIP RN50 weights in pyiqa's cache): higher means better quality."""
+
+    pyiqa_name: ClassVar[str] = "clipiqa"
+    name: ClassVar[str] = "clipiqa"
+    higher_is_better: ClassVar[bool] = False
+    unit: ClassVar[str] = "score"
+
+
+@dataclass(frozen=True)
+class LIQE(_PyiqaNR):
+    """LIQE (pyiqa; CLIP ViT-B/32 and LIQE weights in pyiqa's cache): higher is better quality."""
+
+    pyiqa_name: ClassVar[str] = "liqe"
+    name: ClassVar[str] = "liqe"
+    higher_is_better: ClassVar[bool] = False
+    unit: ClassVar[str] = "mos"
+
+
+@dataclass(frozen=True)
+class TOPIQFace(_PyiqaNR):
+    """TOPIQ-face (pyiqa; TOPIQ face weights and a ResNet-50 cached locally): higher is
+    better face quality."""
+
+    pyiqa_name: ClassVar[str] = "topiq_nr-face"
+    name: ClassVar[str] = "topiq-face"
+    higher_is_better: ClassVar[bool] = False
+    unit: ClassVar[str] = "score"
