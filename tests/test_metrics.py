@@ -146,11 +146,14 @@ def test_a_failing_metric_is_an_error_row_for_itself_only(faces):
     assert evaluate(Linf(), inputs).status == "ok"
 
 
-@pytest.mark.parametrize("name", ["clipiqa", "liqe", "topiq-face"])
-def test_pyiqa_weighted_metrics_are_unavailable_without_local_weights(name, faces):
+@pytest.mark.parametrize(
+    "name,params",
+    [("clipiqa", {}), ("liqe", {}), ("topiq-face", {}), ("brisque", {"implementation": "pyiqa"})],
+)
+def test_pyiqa_weighted_metrics_are_unavailable_without_local_weights(name, params, faces):
     from antipers.registry import METRICS
 
-    result = evaluate(METRICS.build(name), ScoreInputs(faces[:1], faces[:1]))
+    result = evaluate(METRICS.build(name, params), ScoreInputs(faces[:1], faces[:1]))
     assert result.status == UNAVAILABLE  # these weights are not on this machine
     assert result.reason.startswith("pyiqa ")
     assert "antipers never downloads" in result.reason or "is not cached" in result.reason

@@ -9,9 +9,11 @@ they are never downloaded. Every model loads once per process.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -37,13 +39,20 @@ def _brisque_model() -> Any:
 
 @dataclass(frozen=True)
 class Brisque:
-    """BRISQUE (the ``brisque`` package): higher means worse quality."""
+    """BRISQUE: higher means worse quality. ``package``: the ``brisque`` package the field
+    reports; ``pyiqa``: pyiqa's, when its weights are in pyiqa's cache."""
 
+    implementation: Literal["package", "pyiqa"] = "package"
     name: ClassVar[str] = "brisque"
     higher_is_better: ClassVar[bool] = True
     unit: ClassVar[str] = "score"
 
     def score(self, inputs: ScoreInputs) -> MetricResult:
+        if self.implementation == "pyiqa":
+            images = inputs.generated
+            metric = _pyiqa_metric("brisque", str(images.device))
+            values = [float(metric(images[i : i + 1])) for i in range(len(images))]
+            return result(self, np.array(values), "pyiqa-brisque")
         model = _brisque_model()
         values = [float(model.score(arr)) for arr in to_uint8(inputs.generated)]
         return result(self, np.array(values), "brisque-package")
@@ -54,7 +63,9 @@ def _pyiqa_metric(name: str, device: str) -> Any:
     """A pyiqa metric built from local files only (see ``refuse_downloads``)."""
     import pyiqa
 
-    with refuse_downloads(f"pyiqa {name}"):
+    # pyiqa prints "Downloading: ..." before any fetch, which refuse_downloads stops;
+    # keep that misleading line (and its loading chatter) off the user's console
+    with refuse_downloads(f"pyiqa {name}"), contextlib.redirect_stdout(io.StringIO()):
         return pyiqa.create_metric(name, device=device, as_loss=False)
 
 
