@@ -1,0 +1,68 @@
+import pytest
+
+from antipers.campaign import CampaignError, load_campaign
+
+GOOD = """\
+suite: grid
+base_model: tiny
+resolution: 64
+datasets:
+  - {name: synthetic, n_identities: 3, identities: {first: 2}}
+defenses:
+  - none
+  - {name: aspl, eps: [4, 8], iterations: 1, eot: [jpeg, blur]}
+countermeasures: [none, [{name: jpeg, quality: 75}, flip]]
+attacks:
+  - {name: lora, steps: 5, prior_weight: 0}
+sampling: {name: cfg, steps: 2, images_per_prompt: 1}
+metrics: [fdfr, ism]
+seeds: [0, 1]
+"""
+
+
+def write(tmp_path, text, name="campaign.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_grid_expands_into_distinct_validated_specs(tmp_path):
+    campaign = load_campaign(write(tmp_path, GOOD))
+    # 2 identities x (none + aspl at 2 budgets) x 2 chains x 1 attack x 2 seeds
+    assert len(campaign.specs) == 24 and len(set(campaign.spec_ids)) == 24
+    budgets = {s.defense.kwargs.get("eps") for s in campaign.specs}
+    assert budgets == {None, 4.0, 8.0}
+    assert {s.defense.kwargs.get("eot") for s in campaign.specs} == {None, ("jpeg", "blur")}
+    assert {s.countermeasure_name for s in campaign.specs} == {"none", "jpeg+flip"}
+    assert {s.identity for s in campaign.specs} == {"synth-0000", "synth-0001"}
+    assert load_campaign(write(tmp_path, GOOD)).spec_ids == campaign.spec_ids  # stable
+
+
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        (("  - none\n", "  - nonee\n"), ":7: defenses.0: defense: unknown defense 'nonee'"),
+        (
+            ("iterations: 1", "iterations: 1, epss: 3"),
+            ":8: defenses.1: defense 'aspl' has no parameter 'epss'",
+        ),
+        (("seeds: [0, 1]", "seeds: []"), ":14: seeds: an empty list gives no experiments"),
+        (("eps: [4, 8]", "eps: []"), ":8: defenses.1: eps: an empty list"),
+        (
+            (
+                "{name: synthetic, n_identities: 3, identities: {first: 2}}",
+                "{name: vggface2, root: /nowhere/vggface2}",
+            ),
+            ":5: datasets.0: dataset folder:",
+        ),
+        (("suite: grid", "suite: grid\nbudgets: [1]"), ":2: budgets: unknown campaign field"),
+        (("identities: {first: 2}", "identities: [synth-0009]"), "are not in this dataset"),
+    ],
+)
+def test_bad_campaigns_are_refused_naming_line_and_field(tmp_path, change, expected):
+    old, new = change
+    assert old in GOOD
+    path = write(tmp_path, GOOD.replace(old, new))
+    with pytest.raises(CampaignError) as err:
+        load_campaign(path)
+    assert expected in str(err.value) and str(path) in str(err.value)
