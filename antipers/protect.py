@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from antipers import __version__
-from antipers.data.folders import scan_photos
-from antipers.data.identity import IdentitySet
+from antipers.data.folders import list_photos
+from antipers.data.identity import DatasetError, IdentitySet
 from antipers.images import read_images, write_png
 from antipers.metrics.budget import linf_255, psnr, ssim
 from antipers.registry import BASE_MODELS, DEFENSES
@@ -52,16 +52,12 @@ def plan(
 ) -> ProtectPlan:
     """Check everything before any work: folders, photos, names, parameters, outputs."""
     in_dir, out_dir = in_dir.expanduser().resolve(), out_dir.expanduser().resolve()
-    if not in_dir.is_dir():
-        raise ProtectError(f"{in_dir}: input folder does not exist")
     if out_dir == in_dir or in_dir in out_dir.parents:
         raise ProtectError(f"{out_dir}: refusing to write into the input folder {in_dir}")
-    problems: list[str] = []
-    photos = scan_photos(in_dir, problems, verify=True)
-    if problems:
-        raise ProtectError("\n".join(problems))
-    if not photos:
-        raise ProtectError(f"{in_dir}: no photos found")
+    try:
+        photos = list_photos(in_dir, "input")
+    except DatasetError as exc:
+        raise ProtectError(str(exc)) from None
     outputs = [out_dir / f"{p.stem}.png" for p in photos]
     if len({o.name for o in outputs}) != len(outputs):
         raise ProtectError(f"{in_dir}: two photos share a name stem (e.g. a.jpg and a.png)")

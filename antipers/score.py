@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from antipers import __version__
-from antipers.data.folders import AntiDreamBoothFolders, is_antidreambooth_layout, scan_photos
+from antipers.data.folders import AntiDreamBoothFolders, is_antidreambooth_layout, list_photos
 from antipers.data.identity import DatasetError
 from antipers.images import read_images
 from antipers.metrics.base import ScoreInputs, evaluate
@@ -33,15 +33,10 @@ class ScoreError(ValueError):
 
 
 def photos_in(folder: Path, what: str) -> list[Path]:
-    if not folder.is_dir():
-        raise ScoreError(f"{folder}: {what} folder does not exist")
-    problems: list[str] = []
-    photos = scan_photos(folder, problems, verify=True)
-    if problems:
-        raise ScoreError("\n".join(problems))
-    if not photos:
-        raise ScoreError(f"{folder}: no images in the {what} folder")
-    return photos
+    try:
+        return list_photos(folder, what)
+    except DatasetError as exc:
+        raise ScoreError(str(exc)) from None
 
 
 def parse_metrics(names: list[str], backend: str | None) -> list[ComponentSpec]:

@@ -43,6 +43,15 @@ def sample_dir() -> Path:
     return SAMPLE
 
 
+def eval_loss(bundle, images, draws=8, seed=1234, prompt="a photo of sks person"):
+    """The denoising loss on ``images`` averaged over fixed noise and timesteps."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        embeds = bundle.prompt_embeds([prompt] * len(images))
+        latents = bundle.encode(images)
+        return sum(float(bundle.training_loss(latents, embeds, gen)) for _ in range(draws)) / draws
+
+
 def tiny_spec_dict(**overrides):
     """A fast experiment: tiny model, synthetic people, a few LoRA and DDIM steps."""
     base = {

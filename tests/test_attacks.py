@@ -8,7 +8,7 @@ from antipers.attacks.training import TrainConfig, TrainData, finetune
 from antipers.data.synthetic import SyntheticDataset
 from antipers.registry import SpecError
 from antipers.spec import ExperimentSpec
-from tests.conftest import tiny_spec_dict
+from tests.conftest import eval_loss, tiny_spec_dict
 
 PROMPT = "a photo of sks person"
 
@@ -16,15 +16,6 @@ PROMPT = "a photo of sks person"
 @pytest.fixture(scope="module")
 def photos():
     return SyntheticDataset(n_identities=1, photos_per_set=4).load("synth-0000", 64).set_B
-
-
-def eval_loss(bundle, images, draws=8):
-    """The denoising loss on ``images`` averaged over fixed noise and timesteps."""
-    gen = torch.Generator().manual_seed(1234)
-    with torch.no_grad():
-        embeds = bundle.prompt_embeds([PROMPT] * len(images))
-        latents = bundle.encode(images)
-        return sum(float(bundle.training_loss(latents, embeds, gen)) for _ in range(draws)) / draws
 
 
 def unet_state(bundle):

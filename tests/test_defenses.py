@@ -9,6 +9,7 @@ from antipers.defenses.pgd import project_png, uniform_noise_like
 from antipers.defenses.surrogate import Surrogate
 from antipers.images import quantize, read_images, write_png
 from antipers.registry import DEFENSES
+from tests.conftest import eval_loss
 
 FAST = {"iterations": 2, "pgd_steps": 2, "surrogate_steps": 1}
 DEFENSE_PARAMS = {
@@ -54,22 +55,14 @@ def test_project_png_stays_on_grid_within_fractional_budget():
     assert ((out - clean).abs() * 255).max() <= 6 + 1e-4
 
 
-def eval_loss(bundle, images, draws=24):
-    gen = torch.Generator().manual_seed(99)
-    with torch.no_grad():
-        embeds = bundle.prompt_embeds(["a photo of sks person"] * len(images))
-        latents = bundle.encode(images)
-        return sum(float(bundle.training_loss(latents, embeds, gen)) for _ in range(draws)) / draws
-
-
 def test_protection_raises_the_surrogate_loss_beyond_clean_and_noise(person, tiny_bundle):
     protected = protect(
         "aspl", person, tiny_bundle, eps=8.0, step_size=1.0, iterations=3, pgd_steps=5
     )
     noise = uniform_noise_like(person.set_B, 8.0, torch.Generator().manual_seed(0))
-    on_protected = eval_loss(tiny_bundle, protected)
-    assert on_protected > eval_loss(tiny_bundle, person.set_B)
-    assert on_protected > eval_loss(tiny_bundle, noise)
+    on_protected = eval_loss(tiny_bundle, protected, draws=24, seed=99)
+    assert on_protected > eval_loss(tiny_bundle, person.set_B, draws=24, seed=99)
+    assert on_protected > eval_loss(tiny_bundle, noise, draws=24, seed=99)
 
 
 def test_cap_lowers_gram_spread_against_the_wrapped_method(person, tiny_bundle):
@@ -92,7 +85,7 @@ def test_dynamic_ratio_follows_its_rule():
     assert dynamic_weight(-4.0, 0.0, 0, 0.5, 0) > 0  # magnitudes, safe at zero
 
 
-def test_cap_records_weights_that_follow_the_rule(person, tiny_bundle):
+def test_cap_records_one_positive_weight_per_pgd_step(person, tiny_bundle):
     defense = DEFENSES.build("cap-aspl", {**FAST, "cap_target": 0.5, "cap_warmup": 2})
     result = defense.protect(person, tiny_bundle, torch.Generator().manual_seed(0))
     weights = result.log.cap_weights

@@ -45,6 +45,19 @@ def scan_photos(folder: Path, problems: list[str], verify: bool) -> list[Path]:
     return photos
 
 
+def list_photos(folder: Path, what: str) -> list[Path]:
+    """The readable photos of one flat folder; a DatasetError names every problem."""
+    if not folder.is_dir():
+        raise DatasetError([f"{folder}: {what} folder does not exist"])
+    problems: list[str] = []
+    photos = scan_photos(folder, problems, verify=True)
+    if not problems and not photos:
+        problems.append(f"{folder}: no images in the {what} folder")
+    if problems:
+        raise DatasetError(problems)
+    return photos
+
+
 def _readable(path: Path, problems: list[str]) -> bool:
     try:
         with Image.open(path) as img:

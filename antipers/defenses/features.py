@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -23,6 +24,20 @@ _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def _outputs_of(
+    stages: Iterable[torch.nn.Module], h: torch.Tensor, layers: tuple[int, ...]
+) -> list[torch.Tensor]:
+    """Run ``stages`` in order; keep the outputs of the ``layers`` indices; stop after the last."""
+    out = []
+    for i, stage in enumerate(stages):
+        h = stage(h)
+        if i in layers:
+            out.append(h)
+        if i >= max(layers):
+            break
+    return out
+
+
 def vae_features(bundle: DiffusionBundle, layers: tuple[int, ...]) -> FeatureFn:
     encoder = bundle.vae.encoder
     n = len(encoder.down_blocks)
@@ -31,14 +46,7 @@ def vae_features(bundle: DiffusionBundle, layers: tuple[int, ...]) -> FeatureFn:
 
     def extract(x: torch.Tensor) -> list[torch.Tensor]:
         h = encoder.conv_in(x.to(bundle.device) * 2.0 - 1.0)
-        out = []
-        for i, block in enumerate(encoder.down_blocks):
-            h = block(h)
-            if i in layers:
-                out.append(h)
-            if i >= max(layers):
-                break
-        return out
+        return _outputs_of(encoder.down_blocks, h, layers)
 
     return extract
 
@@ -76,14 +84,6 @@ def vgg_features(path: str, layers: tuple[int, ...], device: torch.device) -> Fe
     std = torch.tensor(_IMAGENET_STD, device=device).view(1, 3, 1, 1)
 
     def extract(x: torch.Tensor) -> list[torch.Tensor]:
-        h = (x.to(device) - mean) / std
-        out = []
-        for i, layer in enumerate(features):
-            h = layer(h)
-            if i in layers:
-                out.append(h)
-            if i >= max(layers):
-                break
-        return out
+        return _outputs_of(features, (x.to(device) - mean) / std, layers)
 
     return extract

@@ -83,11 +83,6 @@ def pgd(
     return x.detach()
 
 
-def linf(x: torch.Tensor, clean: torch.Tensor) -> float:
-    """The largest pixel change, in units of 1/255."""
-    return float((x - clean).abs().max() * 255.0) if x.numel() else 0.0
-
-
 def uniform_noise_like(clean: torch.Tensor, eps: float, generator: torch.Generator) -> torch.Tensor:
     """Random sign-uniform noise of the same budget (the "is PGD better than noise" check)."""
     e = eps_to_unit(eps)

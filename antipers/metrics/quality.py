@@ -49,10 +49,7 @@ class Brisque:
 
     def score(self, inputs: ScoreInputs) -> MetricResult:
         if self.implementation == "pyiqa":
-            images = inputs.generated
-            metric = _pyiqa_metric("brisque", str(images.device))
-            values = [float(metric(images[i : i + 1])) for i in range(len(images))]
-            return result(self, np.array(values), "pyiqa-brisque")
+            return result(self, _pyiqa_scores("brisque", inputs.generated), "pyiqa-brisque")
         model = _brisque_model()
         values = [float(model.score(arr)) for arr in to_uint8(inputs.generated)]
         return result(self, np.array(values), "brisque-package")
@@ -69,6 +66,12 @@ def _pyiqa_metric(name: str, device: str) -> Any:
         return pyiqa.create_metric(name, device=device, as_loss=False)
 
 
+def _pyiqa_scores(name: str, images: Any) -> np.ndarray:
+    """Per-image scores of a pyiqa no-reference metric."""
+    metric = _pyiqa_metric(name, str(images.device))
+    return np.array([float(metric(images[i : i + 1])) for i in range(len(images))])
+
+
 class _PyiqaNR:
     """A pyiqa no-reference metric scored image by image."""
 
@@ -76,10 +79,9 @@ class _PyiqaNR:
     name: ClassVar[str]
 
     def score(self, inputs: ScoreInputs) -> MetricResult:
-        images = inputs.generated
-        metric = _pyiqa_metric(self.pyiqa_name, str(images.device))
-        values = [float(metric(images[i : i + 1])) for i in range(len(images))]
-        return result(self, np.array(values), f"pyiqa-{self.pyiqa_name}")
+        return result(
+            self, _pyiqa_scores(self.pyiqa_name, inputs.generated), f"pyiqa-{self.pyiqa_name}"
+        )
 
 
 @dataclass(frozen=True)
