@@ -198,6 +198,79 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+ROLES = ("defense", "attack", "scoring")
+
+
+def _per_role(text: str | None, flag: str, whole: bool = False) -> dict[str, float] | None:
+    """``2`` (every role) or ``attack=2,scoring=0.5`` -> {role: value}."""
+    if not text:
+        return None
+    out: dict[str, float] = {}
+    for item in text.split(","):
+        role, sep, value = item.rpartition("=")
+        roles = [role.strip()] if sep else list(ROLES)
+        bad = [r for r in roles if r not in ROLES]
+        if bad:
+            raise CLIError(f"{flag} {text!r}: unknown role {bad[0]!r}; roles: {', '.join(ROLES)}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise CLIError(f"{flag} {text!r}: {value!r} is not a number") from None
+        if number < 0 or (whole and (number < 1 or number != int(number))):
+            kind = "a whole number >= 1" if whole else "a number >= 0"
+            raise CLIError(f"{flag} {text!r}: expected {kind}, got {value!r}")
+        out.update(dict.fromkeys(roles, number))
+    return out
+
+
+def _run_options(args: argparse.Namespace) -> Any:
+    from antipers.cluster.commands import RunOptions
+
+    if args.max_in_flight is not None and args.max_in_flight < 1:
+        raise CLIError(f"--max-in-flight: expected >= 1, got {args.max_in_flight}")
+    if args.retries < 0:
+        raise CLIError(f"--retries: expected >= 0, got {args.retries}")
+    return RunOptions(
+        address=args.address,
+        max_in_flight=args.max_in_flight,
+        retries=args.retries,
+        workers=_per_role(args.workers, "--workers", whole=True),
+        cpus=_per_role(args.cpus, "--cpus"),
+        gpus=_per_role(args.gpus, "--gpus"),
+        device=args.device,
+        progress=not args.no_progress,
+    )
+
+
+def _cluster_call(fn: Any, *a: Any) -> Any:
+    from antipers.cluster.runtime import ClusterError
+
+    try:
+        return fn(*a)
+    except ClusterError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from antipers.campaign import load_campaign
+    from antipers.cluster.commands import print_report, run
+    from antipers.results import ResultStore
+
+    campaign = load_campaign(args.campaign)  # every check before Ray starts
+    options = _run_options(args)
+    store = ResultStore(args.store)
+    report = _cluster_call(run, campaign, store, options)
+    print_report(report, store, campaign)
+    return 0 if report.failed == 0 else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from antipers.cluster.commands import demo
+
+    report = _cluster_call(demo, args.out, _run_options(args))
+    return 0 if report.failed == 0 else 1
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     kinds = [args.kind] if args.kind else list(REGISTRIES)
     for kind in kinds:
@@ -211,6 +284,40 @@ def cmd_list(args: argparse.Namespace) -> int:
                 default = "(required)" if p.default is dataclasses.MISSING else f"= {p.default!r}"
                 print(f"      {p.name}: {p.type_name} {default}")
     return 0
+
+
+def _cluster_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--address",
+        help="Ray cluster to join: auto, HOST:6379 or ray://HOST:10001 (default: start one here)",
+    )
+    p.add_argument(
+        "--max-in-flight",
+        type=int,
+        metavar="N",
+        help="experiments submitted at once (default: 3 per worker lane)",
+    )
+    p.add_argument(
+        "--workers",
+        metavar="N|ROLE=N,...",
+        help="actors per role (roles: defense, attack, scoring; default 1 each)",
+    )
+    p.add_argument(
+        "--cpus", metavar="X|ROLE=X,...", help="CPUs each worker reserves (default 1, scoring 0.5)"
+    )
+    p.add_argument(
+        "--gpus",
+        metavar="X|ROLE=X,...",
+        help="GPU share each worker reserves (default on GPU clusters: 0.4, 0.4, 0.2)",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="resubmissions of an experiment whose worker died (default 2)",
+    )
+    p.add_argument("--device", help="worker device: auto (default), cpu, cuda")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -298,6 +405,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=512, help="images are resized to this")
     p.add_argument("--out", metavar="FILE.parquet", help="write the rows here")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser(
+        "run", help="run a campaign on Ray workers; rerun to finish an interrupted one"
+    )
+    p.add_argument("campaign", metavar="CAMPAIGN.yaml", help="campaign spec (campaigns/*.yaml)")
+    p.add_argument("--store", required=True, help="result store: a folder or a pyarrow.fs URI")
+    _cluster_arguments(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "demo",
+        help="the whole pipeline on Ray with the tiny model and synthetic people (minutes, CPU)",
+    )
+    p.add_argument("--out", default="antipers-demo", help="result store (default antipers-demo/)")
+    _cluster_arguments(p)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("list", help="registered components with their parameters and defaults")
     p.add_argument("kind", nargs="?", choices=list(REGISTRIES), help="one kind only")

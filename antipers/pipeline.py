@@ -10,9 +10,12 @@ keeps base models, datasets and face backends resident between experiments.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -43,9 +46,12 @@ STAGES = ("load", "protect", "countermeasure", "personalize", "sample", "score")
 
 @dataclass
 class RunContext:
-    """Resident state of one worker: base models and datasets, built once per spec."""
+    """Resident state of one worker: base models and datasets, built once per spec.
+    ``name`` says where rows were computed (a Ray worker sets node and process)."""
 
     device: torch.device = field(default_factory=pick_device)
+    name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    _identities: dict[tuple[ComponentSpec, str, int], Any] = field(default_factory=dict)
     _bundles: dict[ComponentSpec, DiffusionBundle] = field(default_factory=dict)
     _datasets: dict[ComponentSpec, Any] = field(default_factory=dict)
     _metrics: dict[ComponentSpec, Any] = field(default_factory=dict)
@@ -71,6 +77,15 @@ class RunContext:
         if spec not in self._datasets:
             self._datasets[spec] = spec.build(DATASETS)
         return self._datasets[spec]
+
+    def identity(self, spec: ExperimentSpec) -> Any:
+        """The spec's photos; the last few stay cached, since every stage reads them."""
+        key = (spec.dataset, spec.identity, spec.resolution)
+        if key not in self._identities:
+            while len(self._identities) >= 4:
+                self._identities.pop(next(iter(self._identities)))
+            self._identities[key] = self.dataset(spec.dataset).load(spec.identity, spec.resolution)
+        return self._identities[key]
 
     def metric(self, spec: ComponentSpec) -> Any:
         """Metric instances live as long as the worker: their models load once."""
@@ -123,47 +138,157 @@ def _base_row(spec: ExperimentSpec, started: datetime) -> dict[str, Any]:
 ProgressFn = Callable[[str], None]
 
 
-def _stages(spec: ExperimentSpec, ctx: RunContext, progress: ProgressFn) -> list[Any]:
-    progress("load")
+@dataclass
+class Handoff:
+    """What one stage passes to the next. On Ray it crosses the object store between
+    the defense, attack and scoring workers, so it holds tensors, and a model only
+    when a defense changed it: each worker has its own resident copy of the base model."""
+
+    started: datetime
+    protected: torch.Tensor
+    model: DiffusionBundle | None = None  # the defended base model (model track)
+    personalized: DiffusionBundle | None = None  # set by the defense (immunization track)
+    generated: torch.Tensor | None = None
+    prompts: list[str] = field(default_factory=list)
+    results: list[MetricResult] = field(default_factory=list)
+    seconds: float = 0.0
+    workers: list[str] = field(default_factory=list)
+
+    def portable(self) -> Handoff:
+        """Tensors and models moved to the CPU, so that a worker on another device (or
+        with none) can unpickle it."""
+        for name in ("protected", "generated"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.cpu())
+        for name in ("model", "personalized"):
+            value = getattr(self, name)
+            if value is not None:
+                value.to("cpu")
+        return self
+
+    def worker(self) -> str:
+        """Where it ran: one name, or ``stage@name`` per stage when they differ."""
+        names = {w.split("@", 1)[1] for w in self.workers}
+        return names.pop() if len(names) == 1 else " ".join(self.workers)
+
+
+@contextmanager
+def _timed(handoff: Handoff, stage: str, ctx: RunContext) -> Iterator[None]:
+    t0 = time.perf_counter()
+    yield
+    handoff.seconds += time.perf_counter() - t0
+    handoff.workers.append(f"{stage}@{ctx.name}")
+
+
+def protect_stage(spec: ExperimentSpec, ctx: RunContext, say: ProgressFn) -> Handoff:
+    """Load the photos and run the defense (countermeasures are checked first, so a
+    setting the identity cannot satisfy fails before the expensive work)."""
+    t0 = time.perf_counter()
+    started = datetime.now(UTC)
+    say("load")
     bundle = ctx.base_model(spec.base_model)
-    identity = ctx.dataset(spec.dataset).load(spec.identity, spec.resolution)
-    countermeasures = [c.build(COUNTERMEASURES) for c in spec.countermeasure]
-    for countermeasure in countermeasures:  # fail before the expensive stages
+    identity = ctx.identity(spec)
+    for cspec in spec.countermeasure:
+        countermeasure = cspec.build(COUNTERMEASURES)
         if hasattr(countermeasure, "check"):
             countermeasure.check(identity)
-    progress("protect")
+    say("protect")
     protected = spec.defense.build(DEFENSES).protect(identity, bundle, _rng(spec.seed, "protect"))
     check_images(protected.images, f"defense {spec.defense.name!r} output")
-    progress("countermeasure")
-    env = AttackEnv(bundle, identity, _rng(spec.seed, "countermeasure"))
-    train_images = protected.images
-    for cspec, countermeasure in zip(spec.countermeasure, countermeasures, strict=True):
-        train_images = countermeasure.apply(train_images, env)
-        check_images(train_images, f"countermeasure {cspec.name!r} output")
-    if protected.personalized is not None:
-        personalized = protected.personalized
-    else:
-        progress("personalize")
-        attack = spec.attack.build(ATTACKS)
-        personalized = attack.personalize(
-            train_images, protected.bundle, _rng(spec.seed, "personalize")
-        )
-    progress("sample")
-    sampler = spec.sampling.build(SAMPLERS)
-    generated = sampler.sample(personalized, spec.resolution, _rng(spec.seed, "sample"))
-    progress("score")
-    metrics = [ctx.metric(m) for m in spec.metrics]
-    needs_gallery = any(getattr(m, "needs_gallery", False) for m in metrics)
-    inputs = ScoreInputs(
-        generated=generated,
-        references=identity.set_A,
-        identity=spec.identity,
-        prompts=sampler.image_prompts(),
+    handoff = Handoff(
+        started=started,
         protected=protected.images,
-        clean=identity.set_B,
-        gallery=ctx.gallery(spec.dataset, spec.resolution) if needs_gallery else None,
+        model=None if protected.bundle is bundle else protected.bundle,
+        personalized=protected.personalized,
     )
-    return [evaluate(m, inputs) for m in metrics]
+    handoff.seconds = time.perf_counter() - t0
+    handoff.workers.append(f"protect@{ctx.name}")
+    return handoff
+
+
+def attack_stage(
+    spec: ExperimentSpec, ctx: RunContext, handoff: Handoff, say: ProgressFn
+) -> Handoff:
+    """Countermeasures, personalization and sampling; the models are dropped from the
+    handoff so that only images travel on to scoring."""
+    with _timed(handoff, "attack", ctx):
+        say("countermeasure")
+        bundle = ctx.base_model(spec.base_model)
+        env = AttackEnv(bundle, ctx.identity(spec), _rng(spec.seed, "countermeasure"))
+        train_images = handoff.protected.to(ctx.device)
+        for cspec in spec.countermeasure:
+            train_images = cspec.build(COUNTERMEASURES).apply(train_images, env)
+            check_images(train_images, f"countermeasure {cspec.name!r} output")
+        personalized = handoff.personalized
+        if personalized is not None:
+            personalized.to(ctx.device)
+        else:
+            say("personalize")
+            model = bundle if handoff.model is None else handoff.model.to(ctx.device)
+            personalized = spec.attack.build(ATTACKS).personalize(
+                train_images, model, _rng(spec.seed, "personalize")
+            )
+        say("sample")
+        sampler = spec.sampling.build(SAMPLERS)
+        handoff.generated = sampler.sample(personalized, spec.resolution, _rng(spec.seed, "sample"))
+        handoff.prompts = sampler.image_prompts()
+        handoff.model = handoff.personalized = None
+    return handoff
+
+
+def score_stage(
+    spec: ExperimentSpec, ctx: RunContext, handoff: Handoff, say: ProgressFn
+) -> Handoff:
+    with _timed(handoff, "score", ctx):
+        say("score")
+        if handoff.generated is None:
+            raise ValueError(f"{spec.spec_id}: scoring before the attack stage ran")
+        identity = ctx.identity(spec)
+        metrics = [ctx.metric(m) for m in spec.metrics]
+        needs_gallery = any(getattr(m, "needs_gallery", False) for m in metrics)
+        inputs = ScoreInputs(
+            generated=handoff.generated,
+            references=identity.set_A,
+            identity=spec.identity,
+            prompts=handoff.prompts,
+            protected=handoff.protected,
+            clean=identity.set_B,
+            gallery=ctx.gallery(spec.dataset, spec.resolution) if needs_gallery else None,
+        )
+        handoff.results = [evaluate(m, inputs) for m in metrics]
+    return handoff
+
+
+def experiment_rows(spec: ExperimentSpec, handoff: Handoff) -> list[dict[str, Any]]:
+    """The rows of a scored handoff."""
+    base = {**_base_row(spec, handoff.started), "worker": handoff.worker()}
+    return metric_rows(base, handoff.results, handoff.seconds)
+
+
+def error_rows(
+    spec: ExperimentSpec, started: datetime, message: str, duration: float, worker: str
+) -> list[dict[str, Any]]:
+    """The one row of a failed experiment: it is stored, and retried by the next run."""
+    return [
+        {
+            **_base_row(spec, started),
+            "metric": "",
+            "value": float("nan"),
+            "higher_is_better": None,
+            "unit": "",
+            "backend": "",
+            "image_index": AGGREGATE_INDEX,
+            "status": ERROR,
+            "error": message,
+            "duration_s": duration,
+            "worker": worker,
+        }
+    ]
+
+
+def describe_error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}\n{''.join(traceback.format_exception(exc, limit=8))}"
 
 
 def run_experiment(
@@ -172,35 +297,23 @@ def run_experiment(
     progress: ProgressFn | None = None,
     raise_errors: bool = False,
 ) -> list[dict[str, Any]]:
-    """The result rows of ``spec``. A failure becomes one row with ``status="error"``
-    and the message (unless ``raise_errors``), never a lost experiment."""
+    """The result rows of ``spec``, every stage in this process. A failure becomes one
+    row with ``status="error"`` and the message (unless ``raise_errors``), never a lost
+    experiment."""
     ctx = context or RunContext()
     started = datetime.now(UTC)
     t0 = time.perf_counter()
-    base = _base_row(spec, started)
     say = progress or (lambda stage: log.info("%s: %s", spec.spec_id, stage))
     try:
-        results = _stages(spec, ctx, say)
+        handoff = protect_stage(spec, ctx, say)
+        handoff = attack_stage(spec, ctx, handoff, say)
+        handoff = score_stage(spec, ctx, handoff, say)
     except Exception as exc:
         if raise_errors:
             raise
         log.warning("experiment %s failed: %s", spec.spec_id, exc)
-        message = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
-        return [
-            {
-                **base,
-                "metric": "",
-                "value": float("nan"),
-                "higher_is_better": None,
-                "unit": "",
-                "backend": "",
-                "image_index": AGGREGATE_INDEX,
-                "status": ERROR,
-                "error": message,
-                "duration_s": time.perf_counter() - t0,
-            }
-        ]
-    return metric_rows(base, results, time.perf_counter() - t0)
+        return error_rows(spec, started, describe_error(exc), time.perf_counter() - t0, ctx.name)
+    return experiment_rows(spec, handoff)
 
 
 def metric_rows(

@@ -23,7 +23,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: `worker` (where the rows were computed)
 AGGREGATE_INDEX = -1
 OK, ERROR = "ok", "error"
 
@@ -53,6 +53,7 @@ SCHEMA = pa.schema(
         ("error", pa.string()),
         ("started_at", pa.timestamp("us", tz="UTC")),
         ("duration_s", pa.float64()),
+        ("worker", pa.string()),
         ("antipers_version", pa.string()),
         ("schema_version", pa.int32()),
         ("spec_json", pa.string()),

@@ -8,6 +8,8 @@ Rows have the store's schema (``suite="score"``), so they load with everything e
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -152,6 +154,7 @@ def run_score(job: ScoreJob) -> list[dict[str, Any]]:
         "schema_version": SCHEMA_VERSION,
         "spec_json": spec_json,
         "error": None,
+        "worker": f"{socket.gethostname()}:{os.getpid()}",
     }
     return metric_rows(base, results, time.perf_counter() - t0)
 

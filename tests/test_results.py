@@ -40,6 +40,7 @@ def make_rows(spec_id: str, n: int = 3, status: str = "ok") -> list[dict]:
             "error": "boom" if status == "error" else None,
             "started_at": datetime.now(UTC),
             "duration_s": 1.0,
+            "worker": "host:1",
             "antipers_version": "0",
             "schema_version": 1,
             "spec_json": "{}",

@@ -1,0 +1,179 @@
+"""The campaign driver on a real local Ray instance: resident workers, error rows,
+a worker killed mid-campaign, a driver killed mid-campaign."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from antipers.campaign import load_campaign  # noqa: E402
+from antipers.cli import main  # noqa: E402
+from antipers.cluster.driver import run_campaign  # noqa: E402
+from antipers.cluster.runtime import ClusterError, check_placeable, connect  # noqa: E402
+from antipers.cluster.workers import RoleResources, WorkerPlan  # noqa: E402
+from antipers.results import ResultStore  # noqa: E402
+from tests.conftest import REPO  # noqa: E402
+
+# a light plan: one lane fits twice in the test instance's 4 CPUs
+PLAN = WorkerPlan({r: RoleResources(cpus=0.5) for r in ("defense", "attack", "scoring")})
+
+CAMPAIGN = """\
+suite: cluster-test
+base_model: tiny
+resolution: 64
+datasets:
+  - {{name: synthetic, n_identities: 2}}
+defenses: [none]
+countermeasures: {countermeasures}
+attacks:
+  - {{name: lora, steps: 2, prior_weight: 0}}
+sampling: {{name: cfg, steps: 2, images_per_prompt: 1}}
+metrics: [psnr, fdfr]
+seeds: {seeds}
+"""
+
+
+def campaign_file(tmp_path: Path, seeds=(0, 1), countermeasures=("none",)) -> Path:
+    path = tmp_path / "campaign.yaml"
+    path.write_text(
+        CAMPAIGN.format(seeds=list(seeds), countermeasures=list(countermeasures)).replace("'", "")
+    )
+    return path
+
+
+def stored_files(store: Path) -> list[str]:
+    return sorted(p.name for p in store.iterdir() if not p.name.startswith("."))
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    started = connect(num_cpus=4, object_store_memory=150 * 2**20)
+    yield ray.get_runtime_context().gcs_address
+    if started:
+        ray.shutdown()
+
+
+def test_campaign_stores_each_experiment_once_and_a_failure_as_an_error_row(ray_address, tmp_path):
+    # mix k=9 passes validation (k >= 0) but the identity has only 4 clean photos
+    path = campaign_file(tmp_path, seeds=[0], countermeasures=["none", "{name: mix, k: 9}"])
+    campaign = load_campaign(path)
+    store = ResultStore(str(tmp_path / "store"))
+    report = run_campaign(campaign.specs, store, PLAN, progress=False)
+    assert (report.ok, report.failed, report.total) == (2, 2, 4) and report.finished
+    failed = store.failed_ids()
+    assert len(failed) == 2 and len(store.finished_ids()) == 2
+    rows = store.load()
+    errors = rows[rows["status"] == "error"]
+    assert set(errors["spec_id"]) == failed
+    assert errors["error"].str.contains("mix.k=9: identity").all()
+    assert all(report.failures[sid].startswith("ValueError: mix.k=9") for sid in failed)
+    ok = rows[rows["status"] == "ok"]
+    node = ray.get_runtime_context().get_node_id()[:12]
+    assert ok["worker"].str.contains(f"attack@{node}:").all()  # stages ran on Ray workers
+    assert set(ok["metric"]) >= {"psnr", "fdfr"}
+    # a rerun skips what is stored and tries the failed experiments again
+    again = run_campaign(campaign.specs, store, PLAN, progress=False)
+    assert (again.skipped, again.ok, again.failed) == (2, 0, 2)
+    assert len(stored_files(tmp_path / "store")) == 4
+
+
+def test_a_killed_worker_is_restarted_and_no_experiment_is_lost(ray_address, tmp_path):
+    campaign = load_campaign(campaign_file(tmp_path, seeds=[0, 1, 2]))
+    store = ResultStore(str(tmp_path / "store"))
+    pids: list[int] = []
+
+    def kill_attack_worker(spec, rows, pools):
+        actor = pools["attack"].actors[0]
+        pids.append(ray.get(actor.info.remote())["pid"])
+        if len(pids) == 1:  # mid-campaign: later experiments are queued on this worker
+            os.kill(pids[0], signal.SIGKILL)
+
+    report = run_campaign(
+        campaign.specs, store, PLAN, max_in_flight=3, progress=False, on_result=kill_attack_worker
+    )
+    assert report.finished and report.failed == 0 and report.ok == len(campaign.specs) == 6
+    assert len(set(pids)) >= 2  # the worker came back as a new process
+    files = stored_files(tmp_path / "store")
+    assert files == sorted(f"{sid}.parquet" for sid in campaign.spec_ids)  # each exactly once
+
+
+def test_a_driver_killed_mid_campaign_finishes_on_rerun(ray_address, tmp_path):
+    path = campaign_file(tmp_path, seeds=[0, 1, 2])
+    spec_ids = load_campaign(path).spec_ids
+    store_dir = tmp_path / "store"
+    command = [
+        sys.executable,
+        "-m",
+        "antipers.cli",
+        "run",
+        str(path),
+        "--store",
+        str(store_dir),
+        "--address",
+        ray_address,
+        "--cpus",
+        "0.5",
+        "--no-progress",
+    ]
+    first = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and first.poll() is None:
+        if store_dir.is_dir() and any(f.endswith(".parquet") for f in stored_files(store_dir)):
+            break
+        time.sleep(0.2)
+    assert first.poll() is None, f"the driver ended before it could be killed: {first.stderr}"
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    done_before = len(stored_files(store_dir))
+    assert 1 <= done_before < len(spec_ids)
+
+    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert f"{done_before} already in" in second.stderr
+    assert stored_files(store_dir) == sorted(f"{sid}.parquet" for sid in spec_ids)
+    rows = ResultStore(str(store_dir)).load()
+    assert rows.groupby("spec_id")["started_at"].nunique().eq(1).all()  # none ran twice
+
+
+def test_workers_that_cannot_be_placed_are_refused(ray_address):
+    huge = WorkerPlan({r: RoleResources(cpus=64) for r in ("defense", "attack", "scoring")})
+    with pytest.raises(ClusterError, match="no node can host a defense worker"):
+        check_placeable(huge, autoscaling=False)
+    check_placeable(huge, autoscaling=True)  # an autoscaling cluster may add nodes: a warning
+    many = WorkerPlan({r: RoleResources(count=3, cpus=1) for r in ("defense", "attack", "scoring")})
+    with pytest.raises(ClusterError, match="reserve 9 CPU in all and the cluster has 4"):
+        check_placeable(many, autoscaling=False)
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--workers", "attack=0"], "--workers 'attack=0': expected a whole number >= 1"),
+        (["--gpus", "trainer=1"], "unknown role 'trainer'"),
+        (["--cpus", "defense=lots"], "'lots' is not a number"),
+        (["--max-in-flight", "0"], "--max-in-flight: expected >= 1"),
+    ],
+)
+def test_bad_run_flags_are_refused_before_any_work(tmp_path, capsys, flags, message):
+    store = tmp_path / "store"
+    code = main(["run", str(campaign_file(tmp_path)), "--store", str(store), *flags])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not store.exists()
+
+
+def test_bad_campaign_is_refused_before_ray_or_the_store(tmp_path, capsys):
+    path = campaign_file(tmp_path)
+    path.write_text(path.read_text().replace("defenses: [none]", "defenses: [nonee]"))
+    store = tmp_path / "store"
+    code = main(["run", str(path), "--store", str(store)])
+    err = capsys.readouterr().err
+    assert code == 2 and "campaign.yaml:6: defenses.0: defense: unknown defense 'nonee'" in err
+    assert not store.exists()

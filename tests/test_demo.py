@@ -1,0 +1,89 @@
+"""`antipers demo`: the embedded campaign, and the whole run (slow)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from antipers.campaign import load_campaign
+from antipers.leaderboard import missing_metrics, summary_table
+from antipers.registry import METRICS
+from tests.conftest import REPO
+
+
+def demo_path():
+    from antipers.cluster.commands import demo_campaign_path
+
+    return demo_campaign_path()
+
+
+def test_demo_campaign_is_embedded_and_small():
+    campaign = load_campaign(demo_path())
+    assert (REPO / "campaigns" / "demo.yaml").resolve() == demo_path().resolve()
+    specs = campaign.specs
+    assert {s.base_model.name for s in specs} == {"tiny"}
+    assert {s.attack.name for s in specs} == {"lora"}
+    assert {"none", "aspl", "cap-aspl"} <= {s.defense.name for s in specs}
+    assert 2 <= len({s.identity for s in specs}) <= 3
+    offline = {"fdfr", "ism", "linkability", "brisque", "linf", "psnr", "ssim"}
+    assert {m.name for s in specs for m in s.metrics} <= offline & set(METRICS.names())
+
+
+def test_summary_table_averages_aggregates_and_keeps_empty_metrics():
+    def row(sid, defense, metric, value, index=-1, status="ok", hib=True):
+        return {
+            "spec_id": sid,
+            "defense": defense,
+            "countermeasure": "none",
+            "attack": "lora",
+            "metric": metric,
+            "value": value,
+            "image_index": index,
+            "status": status,
+            "higher_is_better": hib,
+            "error": None if status == "ok" else "no weights",
+        }
+
+    rows = pd.DataFrame(
+        [
+            row("a", "none", "psnr", 40.0),
+            row("a", "none", "psnr", 99.0, index=0),  # per-image rows are not averaged in
+            row("b", "none", "psnr", 30.0),
+            row("a", "none", "ism", float("nan"), hib=False),
+            row("a", "none", "ism:references_without_face", 1.0),
+            row("c", "aspl", "psnr", 20.0),
+            row("c", "aspl", "clip-i", float("nan"), status="unavailable"),
+        ]
+    )
+    table = summary_table(rows).set_index("defense")
+    assert table.loc["none", "psnr ↑"] == 35.0 and table.loc["aspl", "psnr ↑"] == 20.0
+    assert "ism ↓" in table.columns and pd.isna(table.loc["none", "ism ↓"])
+    assert table.loc["none", "n"] == 2 and table.loc["aspl", "n"] == 1
+    assert not any(c.startswith("ism:") or c.startswith("clip-i") for c in table.columns)
+    missing = missing_metrics(rows)
+    assert missing[["metric", "status", "experiments"]].values.tolist() == [
+        ["clip-i", "unavailable", 1]
+    ]
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path, capsys):
+    import ray
+
+    from antipers.cli import main
+    from antipers.results import ResultStore
+
+    if ray.is_initialized():
+        ray.shutdown()
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr()
+    assert "say nothing about privacy" in printed.out
+    campaign = load_campaign(demo_path())
+    store = ResultStore(str(out))
+    assert store.finished_ids() == set(campaign.spec_ids)
+    for defense in ("none", "aspl", "cap-aspl"):
+        assert f"\n{defense:>8} " in printed.out  # its line in the summary table
+    # a second run finds everything stored and runs nothing
+    assert main(["demo", "--out", str(out), "--no-progress"]) == 0
+    assert f"{len(campaign.specs)} already in" in capsys.readouterr().err
