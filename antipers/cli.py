@@ -230,6 +230,13 @@ def _run_options(args: argparse.Namespace) -> Any:
         raise CLIError(f"--max-in-flight: expected >= 1, got {args.max_in_flight}")
     if args.retries < 0:
         raise CLIError(f"--retries: expected >= 0, got {args.retries}")
+    if args.device and args.device != "auto":
+        import torch
+
+        try:  # the workers pick the device; only the name can be checked here
+            torch.device(args.device)
+        except RuntimeError:
+            raise CLIError(f"--device {args.device!r}: expected cpu, cuda or cuda:N") from None
     return RunOptions(
         address=args.address,
         max_in_flight=args.max_in_flight,
@@ -449,6 +456,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # user-facing mistakes and unusable paths (missing, not a folder, no permission)
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # every finished experiment is already stored; a rerun does the rest
+        print(
+            "interrupted: finished work is stored; run the same command to go on", file=sys.stderr
+        )
+        return 130
 
 
 if __name__ == "__main__":

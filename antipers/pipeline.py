@@ -78,6 +78,9 @@ class RunContext:
             self._datasets[spec] = spec.build(DATASETS)
         return self._datasets[spec]
 
+    def resident_models(self) -> list[str]:
+        return sorted(canonical_json(s.to_dict()) for s in self._bundles)
+
     def identity(self, spec: ExperimentSpec) -> Any:
         """The spec's photos; the last few stay cached, since every stage reads them."""
         key = (spec.dataset, spec.identity, spec.resolution)

@@ -160,6 +160,7 @@ def test_workers_that_cannot_be_placed_are_refused(ray_address):
         (["--gpus", "trainer=1"], "unknown role 'trainer'"),
         (["--cpus", "defense=lots"], "'lots' is not a number"),
         (["--max-in-flight", "0"], "--max-in-flight: expected >= 1"),
+        (["--device", "tpu"], "--device 'tpu': expected cpu, cuda or cuda:N"),
     ],
 )
 def test_bad_run_flags_are_refused_before_any_work(tmp_path, capsys, flags, message):
@@ -177,3 +178,25 @@ def test_bad_campaign_is_refused_before_ray_or_the_store(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "campaign.yaml:6: defenses.0: defense: unknown defense 'nonee'" in err
     assert not store.exists()
+
+
+def test_dead_workers_are_retried_but_experiment_failures_are_not():
+    from ray.exceptions import ActorDiedError, RayTaskError, WorkerCrashedError
+
+    from antipers.cluster.driver import _infrastructure, _message
+
+    failed = RayTaskError("protect", "Traceback: ...", ValueError("eps too small"), ip="x")
+    assert not _infrastructure(failed)
+    assert _message(failed).startswith("ValueError: eps too small\nTraceback: ...")
+    assert _infrastructure(ActorDiedError()) and _infrastructure(WorkerCrashedError())
+    # a call chained after one whose worker died fails with the worker's error
+    assert _infrastructure(RayTaskError("attack", "", ActorDiedError(), ip="x"))
+
+
+def test_a_worker_that_cannot_start_stops_the_campaign_with_nothing_stored(ray_address, tmp_path):
+    campaign = load_campaign(campaign_file(tmp_path, seeds=[0]))
+    broken = WorkerPlan(PLAN.roles, device="tpu")  # every worker's constructor raises
+    store = ResultStore(str(tmp_path / "store"))
+    with pytest.raises(ClusterError, match="(?s)a worker could not start.*device string: tpu"):
+        run_campaign(campaign.specs, store, broken, progress=False)
+    assert store.finished_ids() == set() and store.failed_ids() == set()

@@ -11,6 +11,7 @@ for that reason is resubmitted here up to ``retries`` times.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from collections import deque
@@ -20,14 +21,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 import ray
-from ray.exceptions import RayError, RayTaskError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 
+from antipers.cluster.runtime import ClusterError
 from antipers.cluster.workers import ROLES, Pool, WorkerPlan, start_workers
 from antipers.pipeline import Handoff, error_rows, experiment_rows
 from antipers.results import ResultStore
 from antipers.spec import ExperimentSpec
 
 log = logging.getLogger(__name__)
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its error text for terminals
 
 
 @dataclass
@@ -64,6 +67,17 @@ class _Job:
 ResultHook = Callable[[ExperimentSpec, list[dict[str, Any]], dict[str, Pool]], None]
 
 
+def _unwrap(exc: BaseException) -> BaseException:
+    return exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+
+
+def _worker_cannot_start(exc: BaseException) -> bool:
+    """A worker whose constructor fails (antipers missing on a node, a bad device) will
+    fail every experiment: the campaign stops instead of storing an error for each."""
+    cause = _unwrap(exc)
+    return isinstance(cause, RayActorError) and cause.actor_init_failed
+
+
 def _infrastructure(exc: BaseException) -> bool:
     """A failure of the machinery (dead worker, lost object), not of the experiment."""
     if isinstance(exc, RayTaskError):
@@ -74,8 +88,10 @@ def _infrastructure(exc: BaseException) -> bool:
 def _message(exc: BaseException) -> str:
     if isinstance(exc, RayTaskError):
         cause = exc.cause
-        return f"{type(cause).__name__}: {cause}\n{getattr(exc, 'traceback_str', '') or exc}"
-    return f"{type(exc).__name__}: {exc}"
+        text = f"{type(cause).__name__}: {cause}\n{getattr(exc, 'traceback_str', '') or exc}"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return ANSI.sub("", text)
 
 
 def _order(specs: Sequence[ExperimentSpec]) -> list[ExperimentSpec]:
@@ -146,6 +162,10 @@ def run_campaign(
                 handoff: Handoff = ray.get(ready[0])
                 rows = experiment_rows(job.spec, handoff)
             except Exception as exc:
+                if _worker_cannot_start(exc):
+                    raise ClusterError(
+                        f"a worker could not start, so no experiment can run: {_message(exc)}"
+                    ) from None
                 if _infrastructure(exc) and job.attempt < retries:
                     log.warning("%s: %s; resubmitting", job.spec.spec_id, _message(exc))
                     report.resubmitted += 1

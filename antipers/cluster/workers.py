@@ -25,8 +25,12 @@ from antipers.pipeline import (
 from antipers.spec import ExperimentSpec
 
 ROLES = ("defense", "attack", "scoring")
-# Ray restarts a dead worker this often, and retries the calls it had in flight.
-MAX_RESTARTS = 4
+# Ray always restarts a dead worker and retries each call it had in flight once more;
+# the driver then resubmits the experiment (--retries) before storing it as an error,
+# so an experiment that kills its worker every time (out of memory) cannot stall the
+# campaign, and the worker is back for the next one.
+MAX_RESTARTS = -1
+TASK_RETRIES = 1
 
 
 @dataclass(frozen=True)
@@ -102,20 +106,21 @@ class StageWorker:
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
             "device": str(self.ctx.device),
-            "resident_models": sorted(s.name for s in self.ctx._bundles),
+            "resident_models": self.ctx.resident_models(),
         }
 
-    def _say(self, spec: ExperimentSpec) -> Any:
-        return lambda stage: None
-
     def protect(self, spec: ExperimentSpec) -> Handoff:
-        return protect_stage(spec, self.ctx, self._say(spec)).portable()
+        return protect_stage(spec, self.ctx, _quiet).portable()
 
     def attack(self, spec: ExperimentSpec, handoff: Handoff) -> Handoff:
-        return attack_stage(spec, self.ctx, handoff, self._say(spec)).portable()
+        return attack_stage(spec, self.ctx, handoff, _quiet).portable()
 
     def score(self, spec: ExperimentSpec, handoff: Handoff) -> Handoff:
-        return score_stage(spec, self.ctx, handoff, self._say(spec)).portable()
+        return score_stage(spec, self.ctx, handoff, _quiet).portable()
+
+
+def _quiet(stage: str) -> None:
+    """Stage progress stays off the driver's console; the progress bar is the driver's."""
 
 
 RemoteStageWorker = ray.remote(StageWorker)
@@ -144,7 +149,7 @@ def start_workers(plan: WorkerPlan) -> dict[str, Pool]:
                 num_cpus=res.cpus,
                 num_gpus=res.gpus,
                 max_restarts=MAX_RESTARTS,
-                max_task_retries=MAX_RESTARTS,
+                max_task_retries=TASK_RETRIES,
                 scheduling_strategy="SPREAD",
             ).remote(role, plan.device)
             for _ in range(res.count)
