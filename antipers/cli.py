@@ -271,6 +271,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if report.failed == 0 else 1
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from antipers.cluster.commands import search
+    from antipers.results import ResultStore
+    from antipers.search import load_search
+
+    spec = load_search(args.search)  # every check before Ray starts
+    return _cluster_call(search, spec, ResultStore(args.store), args.address, args.resume)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from antipers.cluster.commands import demo
 
@@ -420,6 +429,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True, help="result store: a folder or a pyarrow.fs URI")
     _cluster_arguments(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "search", help="a Ray Tune search over spec fields (budgets, CAP ratios) on identities"
+    )
+    p.add_argument("search", metavar="SEARCH.yaml", help="search spec (tune/*.yaml)")
+    p.add_argument("--store", required=True, help="result store: a folder or a pyarrow.fs URI")
+    p.add_argument("--address", help="Ray cluster to join (default: start one here)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search")
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser(
         "demo",

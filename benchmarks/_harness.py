@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import resource
+import statistics
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,6 +28,31 @@ def peak_gib(device: torch.device) -> float:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def median_seconds(
+    fn: Callable[[], object],
+    repeats: int,
+    device: torch.device | None = None,
+    warmup: bool = True,
+) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs (after one unmeasured run),
+    waiting for the GPU before and after each."""
+
+    def sync() -> None:
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize()
+
+    if warmup:
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def emit(result: dict[str, Any]) -> None:

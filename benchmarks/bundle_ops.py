@@ -7,29 +7,13 @@ ratio to a plain UNet forward pass measured in the same run.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
+from _harness import median_seconds as timed
 
-from antipers.attacks.sampling import DDIMSampler
+from antipers.attacks.sampling import GuidedSampler
 from antipers.device import pick_device
 from antipers.registry import BASE_MODELS
-
-
-def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -70,8 +54,9 @@ def main() -> None:
         (grad,) = torch.autograd.grad(loss, x)
         (x + 0.005 * grad.sign()).clamp(0, 1)
 
-    sampler = DDIMSampler(
+    sampler = GuidedSampler(
         prompts=("a photo of sks person",),
+        scheduler="ddim",
         images_per_prompt=args.batch,
         steps=1,
         batch_size=args.batch,

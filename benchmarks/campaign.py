@@ -17,10 +17,11 @@ pays it for every campaign.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
+
+from _harness import median_seconds
 
 from antipers.pipeline import RunContext, run_experiment
 from antipers.results import ResultStore
@@ -43,15 +44,6 @@ def specs(args: argparse.Namespace) -> list[ExperimentSpec]:
         for i in range(args.identities)
         for seed in range(args.seeds)
     ]
-
-
-def median_time(fn: Callable[[], None], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -105,12 +97,21 @@ def main() -> None:
     t0 = time.perf_counter()
     connect(num_cpus=plan.demand()["CPU"], object_store_memory=300 * 2**20)
     startup = time.perf_counter() - t0
-    ready = median_time(workers_ready, args.repeats)
+    ready = median_seconds(workers_ready, args.repeats, warmup=False)
     rows = [
-        ("in-process, resident models", median_time(resident, args.repeats)),
-        ("in-process, reload per experiment", median_time(reloading, args.repeats)),
-        ("Ray, resident workers, 1 in flight", median_time(on_ray(1), args.repeats)),
-        ("Ray, resident workers, stages overlap", median_time(on_ray(None), args.repeats)),
+        ("in-process, resident models", median_seconds(resident, args.repeats, warmup=False)),
+        (
+            "in-process, reload per experiment",
+            median_seconds(reloading, args.repeats, warmup=False),
+        ),
+        (
+            "Ray, resident workers, 1 in flight",
+            median_seconds(on_ray(1), args.repeats, warmup=False),
+        ),
+        (
+            "Ray, resident workers, stages overlap",
+            median_seconds(on_ray(None), args.repeats, warmup=False),
+        ),
     ]
     ray.shutdown()
 

@@ -65,3 +65,17 @@ def tiny_spec_dict(**overrides):
     }
     base.update(overrides)
     return base
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    """A local Ray instance for one test module (4 logical CPUs, a small object store);
+    its GCS address, for drivers run as subprocesses."""
+    import ray
+
+    from antipers.cluster.runtime import connect
+
+    started = connect(num_cpus=4, object_store_memory=150 * 2**20)
+    yield ray.get_runtime_context().gcs_address
+    if started:
+        ray.shutdown()

@@ -17,7 +17,7 @@ ray = pytest.importorskip("ray")
 from antipers.campaign import load_campaign  # noqa: E402
 from antipers.cli import main  # noqa: E402
 from antipers.cluster.driver import run_campaign  # noqa: E402
-from antipers.cluster.runtime import ClusterError, check_placeable, connect  # noqa: E402
+from antipers.cluster.runtime import ClusterError, check_placeable  # noqa: E402
 from antipers.cluster.workers import RoleResources, WorkerPlan  # noqa: E402
 from antipers.results import ResultStore  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
@@ -51,14 +51,6 @@ def campaign_file(tmp_path: Path, seeds=(0, 1), countermeasures=("none",)) -> Pa
 
 def stored_files(store: Path) -> list[str]:
     return sorted(p.name for p in store.iterdir() if not p.name.startswith("."))
-
-
-@pytest.fixture(scope="module")
-def ray_address():
-    started = connect(num_cpus=4, object_store_memory=150 * 2**20)
-    yield ray.get_runtime_context().gcs_address
-    if started:
-        ray.shutdown()
 
 
 def test_campaign_stores_each_experiment_once_and_a_failure_as_an_error_row(ray_address, tmp_path):

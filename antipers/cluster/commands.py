@@ -12,10 +12,11 @@ import ray
 
 from antipers.campaign import Campaign, load_campaign
 from antipers.cluster.driver import CampaignReport, run_campaign
-from antipers.cluster.runtime import check_placeable, cluster_has_gpus, connect
+from antipers.cluster.runtime import ClusterError, check_placeable, cluster_has_gpus, connect
 from antipers.cluster.workers import WorkerPlan
 from antipers.leaderboard import missing_metrics, summary_table
 from antipers.results import ResultStore
+from antipers.search import SearchSpec
 
 DEMO_NOTE = (
     "The demo runs the tiny random-init base model on synthetic people: its numbers "
@@ -112,3 +113,36 @@ def demo(out: str, options: RunOptions) -> CampaignReport:
     print_report(report, store, campaign)
     print(f"\nrows: {store.uri} (one Parquet file per experiment)\n{DEMO_NOTE}")
     return report
+
+
+def search(spec: SearchSpec, store: ResultStore, address: str | None, resume: bool) -> int:
+    """Run or resume a search and print its front; 1 when trials failed or it was cut short."""
+    from antipers.cluster.search import SearchExists, run_search
+
+    started = connect(address, num_cpus=spec.cpus * spec.concurrent)
+    try:
+        try:
+            table = run_search(spec, store, resume=resume)
+        except SearchExists as exc:
+            raise ClusterError(str(exc)) from None
+    finally:
+        if started:
+            ray.shutdown()
+    front = "Pareto front" if spec.objective.multi else "best feasible configurations"
+    objective = spec.objective
+    bound = "" if objective.multi else f" subject to {objective.quality} >= bound"
+    print(
+        f"{spec.name}: {len(table)} trials, {int(table['complete'].sum())} on all "
+        f"{len(spec.identities)} identities; privacy = {objective.privacy}, quality = "
+        f"{objective.quality}{bound}. {front}:"
+    )
+    with pd.option_context("display.width", 160, "display.max_columns", 30):
+        shown = table[table["on_front"]].drop(columns=["on_front", "error"])
+        print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    root = f"{store.uri.rstrip('/')}/searches/{spec.name}"
+    print(f"trials: {root}/trials.parquet, front: {root}/front.parquet; rows: suite {spec.name!r}")
+    errors = table["error"].notna().sum()
+    unfinished = not table.attrs.get("finished", False)
+    if unfinished:
+        print("the search stopped early: run the same command with --resume to finish it")
+    return 1 if errors or unfinished else 0
