@@ -173,3 +173,34 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(ray_add
     # a new search under the same name is refused rather than mixed with the old one
     third = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert third.returncode == 2 and "add --resume" in third.stderr
+
+
+def test_constrained_objective_ranks_every_feasible_trial_above_every_infeasible_one(tmp_path):
+    from types import SimpleNamespace
+
+    from antipers.cluster.search import trials_table
+
+    path = spec_file(tmp_path, edit=("quality: psnr}", "quality: psnr, constraint: {psnr: 35}}"))
+    search = load_search(path)
+    objective = search.objective
+    assert not objective.multi and objective.constraint == 35.0
+    feasible = [objective.penalized(p, q) for p, q in [(0.0, 35.0), (0.3, 50.0)]]
+    infeasible = [objective.penalized(p, q) for p, q in [(1.0, 34.9), (0.9, 20.0)]]
+    assert min(feasible) > max(infeasible) and infeasible[0] > infeasible[1]
+
+    def result(trial, privacy, quality, identities=2):
+        metrics = {"trial_id": trial, "privacy": privacy, "quality": quality}
+        config = {"defense.eps": 8.0, "defense.pgd_steps": 2}
+        return SimpleNamespace(
+            metrics={**metrics, "identities": identities}, config=config, error=None
+        )
+
+    grid = [
+        result("a", 0.9, 30.0),  # most private, but too visible
+        result("b", 0.6, 40.0),
+        result("c", 0.7, 36.0),
+        result("d", 0.95, 45.0, identities=1),  # stopped early: judged on fewer identities
+    ]
+    table = trials_table(search, grid).set_index("trial_id")
+    assert list(table[table["on_front"]].index) == ["c", "b"]
+    assert not table.loc["a", "feasible"] and not table.loc["d", "complete"]
