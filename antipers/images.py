@@ -70,6 +70,12 @@ def read_image(path: str | Path, size: int | None = None) -> torch.Tensor:
             rgb = img.convert("RGB")
     except (UnidentifiedImageError, OSError) as exc:
         raise ImageError(f"{path}: not a readable image ({exc})") from exc
+    return from_pil(rgb, size)
+
+
+def from_pil(img: Image.Image, size: int | None = None) -> torch.Tensor:
+    """A decoded PIL image as ``(1, 3, size, size)`` (centre-cropped, resized)."""
+    rgb = img.convert("RGB")
     if size is not None:
         rgb = _square_resize(rgb, size)
     return from_uint8(np.asarray(rgb, dtype=np.uint8))

@@ -59,3 +59,16 @@ def test_rayjob_entrypoint_is_a_valid_antipers_run_command():
     assert args.store.startswith("s3://")
     campaign = args.campaign.removeprefix("/antipers/")
     assert (REPO / campaign).is_file()  # the image copies the repository to /antipers
+
+
+def test_serve_config_matches_serves_schema_and_builds_the_app():
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load((REPO / "serve" / "scoring.yaml").read_text())
+    schema = ServeDeploySchema.parse_obj(config)
+    (application,) = schema.applications
+    assert application.import_path == "antipers.cluster.scoring:app"
+    from antipers.cluster.scoring import ScoringService, app
+
+    built = app(application.args)
+    assert built is not None and ScoringService.name == application.deployments[0].name

@@ -1,0 +1,227 @@
+"""The online robustness-scoring endpoint: a Ray Serve deployment with FastAPI ingress.
+(No `from __future__ import annotations` here: FastAPI reads the handlers' types.)
+
+``serve run serve/scoring.yaml`` (``import_path: antipers.cluster.scoring:app``) or
+``antipers serve``. Each replica keeps its base model and face backend resident.
+Every limit is checked at the boundary, before any photo is decoded in full, and
+every refusal is a JSON ``{"error": ...}`` with a 4xx status; the replica goes on.
+"""
+
+import asyncio
+import hmac
+import io
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from antipers import robustness
+from antipers.images import from_pil
+
+log = logging.getLogger(__name__)
+FORMATS = ("PNG", "JPEG", "WEBP")
+FIELDS = ("protected", "clean", "references")
+TOKEN_ENV = "ANTIPERS_TOKEN"
+
+api = FastAPI(
+    title="antipers robustness scoring",
+    version="1",
+    description=(
+        "Send protected photos (and optionally their clean originals and other clean "
+        "photos of the person); get back the budget used, the protection strength (the "
+        "base model's diffusion-loss gain at fixed timesteps and noise), what survives "
+        "each countermeasure, face checks, and one score in [0, 1]:\n\n"
+        "    strength = gain / (gain + 0.05)    (0 when gain <= 0)\n"
+        "    survival = clip(worst_gain / gain, 0, 1)\n"
+        "    score    = strength * (1 + survival) / 2\n\n"
+        "The gain is over the clean originals when given, else over purified copies."
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_images: int = 16  # per field
+    max_bytes: int = 32 * 2**20  # per request
+    max_pixels: int = 4096 * 4096  # per image, read from the header before decoding
+
+
+class Refused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _decode(field: str, index: int, data: bytes, limits: Limits, size: int) -> torch.Tensor:
+    from PIL import Image, UnidentifiedImageError
+
+    where = f"{field}[{index}]"
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise Refused(415, f"{where}: not an image; send PNG, JPEG or WebP") from None
+    except Image.DecompressionBombError as exc:
+        raise Refused(413, f"{where}: {exc}") from None
+    if img.format not in FORMATS:
+        raise Refused(415, f"{where}: {img.format} is not accepted; send PNG, JPEG or WebP")
+    width, height = img.size
+    if width * height > limits.max_pixels:
+        raise Refused(
+            413, f"{where}: {width}x{height} pixels exceeds the limit of {limits.max_pixels}"
+        )
+    try:
+        img.load()
+    except (OSError, ValueError) as exc:
+        raise Refused(422, f"{where}: the {img.format} data is damaged ({exc})") from None
+    return from_pil(img, size)
+
+
+def _options(raw: str | None) -> dict[str, Any]:
+    if not raw:
+        return {}
+    try:
+        options = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise Refused(422, f"options: not valid JSON ({exc.msg})") from None
+    if not isinstance(options, dict):
+        raise Refused(422, "options: expected a JSON object")
+    unknown = sorted(set(options) - {"base_model", "countermeasures"})
+    if unknown:
+        raise Refused(422, f"options.{unknown[0]}: unknown; use base_model, countermeasures")
+    return options
+
+
+@serve.deployment
+@serve.ingress(api)
+class ScoringService:
+    def __init__(
+        self,
+        base_model: str = "tiny",
+        resolution: int = 64,
+        face_backend: str | None = "offline",
+        limits: dict[str, int] | None = None,
+        token: str | None = None,
+    ) -> None:
+        from antipers.device import pick_device
+        from antipers.registry import BASE_MODELS
+
+        self.base_model = base_model
+        self.resolution = resolution
+        self.limits = Limits(**(limits or {}))
+        self.bundle = BASE_MODELS.build(base_model).load(pick_device())
+        self.faces = None
+        if face_backend:
+            from antipers.metrics.faces import face_backend as load_backend
+
+            self.faces = load_backend(face_backend)
+        self._token = token or os.environ.get(TOKEN_ENV) or None
+        self._compute = asyncio.Lock()  # one scoring at a time; /healthz stays free
+
+    def _authorized(self, request: Request) -> bool:
+        if self._token is None:
+            return True
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            given.encode(), self._token.encode()
+        )
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        return {"status": "ok", "base_model": self.base_model, "limits": asdict(self.limits)}
+
+    @api.post("/v1/score")
+    async def score(self, request: Request) -> JSONResponse:
+        try:
+            if not self._authorized(request):
+                raise Refused(401, "missing or wrong bearer token")
+            body = await self._read_body(request)
+            upload, countermeasures = await self._parse(request, body)
+            async with self._compute:
+                result = await asyncio.to_thread(
+                    robustness.score_upload, self.bundle, upload, countermeasures, self.faces
+                )
+        except Refused as exc:
+            return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        result["base_model"] = self.base_model
+        result["resolution"] = self.resolution
+        return JSONResponse(result)
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.limits.max_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise Refused(413, f"request of {declared} bytes exceeds the limit of {limit}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise Refused(413, f"request exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _parse(
+        self, request: Request, body: bytes
+    ) -> tuple[robustness.Upload, tuple[Any, ...] | None]:
+        from starlette.datastructures import UploadFile
+        from starlette.formparsers import MultiPartException
+        from starlette.requests import Request as StarletteRequest
+
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise Refused(415, "send multipart/form-data with files in 'protected'")
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        replay = StarletteRequest(request.scope, receive)
+        max_files = self.limits.max_images * len(FIELDS)
+        try:
+            form = await replay.form(max_files=max_files + 1, max_fields=8)
+        except MultiPartException as exc:
+            raise Refused(422, f"unreadable multipart body: {exc}") from None
+        unknown = sorted(set(form.keys()) - {*FIELDS, "options"})
+        if unknown:
+            raise Refused(422, f"{unknown[0]}: unknown field; use {', '.join(FIELDS)}, options")
+        sets: dict[str, torch.Tensor | None] = {}
+        for field in FIELDS:
+            files = [f for f in form.getlist(field) if isinstance(f, UploadFile)]
+            if len(files) > self.limits.max_images:
+                raise Refused(
+                    413,
+                    f"{field}: {len(files)} images exceeds the limit of {self.limits.max_images}",
+                )
+            images = [
+                _decode(field, i, await f.read(), self.limits, self.resolution)
+                for i, f in enumerate(files)
+            ]
+            sets[field] = torch.cat(images) if images else None
+        if sets["protected"] is None:
+            raise Refused(422, "protected: at least one photo is required")
+        options = _options(form.get("options") if isinstance(form.get("options"), str) else None)
+        if options.get("base_model", self.base_model) != self.base_model:
+            raise Refused(422, f"options.base_model: this service scores with {self.base_model!r}")
+        countermeasures = None
+        if "countermeasures" in options:
+            entries = options["countermeasures"]
+            if not isinstance(entries, list):
+                raise Refused(422, "options.countermeasures: expected a list")
+            try:
+                countermeasures = robustness.countermeasure_specs(entries)
+            except ValueError as exc:
+                raise Refused(422, f"options.{exc}") from None
+        try:
+            upload = robustness.Upload(sets["protected"], sets["clean"], sets["references"])
+        except ValueError as exc:
+            raise Refused(422, str(exc)) from None
+        return upload, countermeasures
+
+
+def app(args: dict[str, Any] | None = None) -> Any:
+    """The application builder ``serve run`` calls with the config's ``args``."""
+    return ScoringService.bind(**(args or {}))

@@ -1,0 +1,188 @@
+"""How well a set of published photos is protected, and how much of it survives the
+attacker's countermeasures: the numbers ``POST /v1/score`` returns.
+
+Protection strength is the base model's diffusion-loss gain: the denoising loss on the
+protected photo minus the loss on its clean original (or, without originals, on a
+purified copy), at fixed timesteps and fixed noise, so the same upload always gets the
+same number. Perturbations that hinder fine-tuning (ASPL, SimAC, CAP) raise this loss.
+
+    strength  = gain / (gain + GAIN_SCALE)           (0 when gain <= 0)
+    survival  = clip(worst_gain / gain, 0, 1)         worst over the countermeasures
+    overall   = strength * (1 + survival) / 2         in [0, 1)
+
+so the overall score grows with protection and with how much of it survives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from antipers.attacks.countermeasures import AttackEnv
+from antipers.data.identity import IdentitySet
+from antipers.models.bundle import DiffusionBundle
+from antipers.registry import COUNTERMEASURES
+from antipers.spec import ComponentSpec
+
+TIMESTEP_FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)
+NOISE_SEED = 20240601
+GAIN_SCALE = 0.05  # a loss gain of 0.05 scores a strength of 0.5
+PROMPT = "a photo of sks person"
+DEFAULT_COUNTERMEASURES = ({"name": "jpeg", "quality": 75}, "blur", "resize", "purify")
+
+
+def countermeasure_specs(entries: Sequence[Any]) -> tuple[ComponentSpec, ...]:
+    """Validated countermeasures (names or ``{name: ..., **params}``); raises SpecError."""
+    return tuple(
+        ComponentSpec.parse(e, COUNTERMEASURES, f"countermeasures[{i}]")
+        for i, e in enumerate(entries)
+    )
+
+
+@torch.no_grad()
+def diffusion_loss(bundle: DiffusionBundle, images: torch.Tensor) -> np.ndarray:
+    """Per-photo denoising loss, averaged over fixed timesteps; the same noise for every
+    photo, so a photo's number does not depend on what else is in the batch."""
+    images = images.to(bundle.device)
+    latents = bundle.encode(images)
+    embeds = bundle.prompt_embeds([PROMPT] * len(images))
+    total = int(bundle.scheduler.config.num_train_timesteps)
+    losses = torch.zeros(len(images), device=bundle.device)
+    for k, fraction in enumerate(TIMESTEP_FRACTIONS):
+        gen = torch.Generator().manual_seed(NOISE_SEED + k)
+        noise = torch.randn((1, *latents.shape[1:]), generator=gen).to(latents.device)
+        t = torch.full((len(images),), int(fraction * total), device=bundle.device)
+        losses += bundle.denoising_loss(
+            latents, embeds, noise.expand_as(latents), t, reduction="none"
+        )
+    return (losses / len(TIMESTEP_FRACTIONS)).float().cpu().numpy()
+
+
+def overall(gain: np.ndarray, worst: np.ndarray) -> np.ndarray:
+    strength = np.where(gain > 0, gain / (gain + GAIN_SCALE), 0.0)
+    survival = np.where(gain > 0, np.clip(worst / np.where(gain > 0, gain, 1.0), 0, 1), 0.0)
+    return strength * (1 + survival) / 2
+
+
+def _apply(spec: ComponentSpec, images: torch.Tensor, env: AttackEnv) -> torch.Tensor:
+    return spec.build(COUNTERMEASURES).apply(images, env)
+
+
+@dataclass
+class Upload:
+    """The photos of one request, in the image contract, at one resolution."""
+
+    protected: torch.Tensor
+    clean: torch.Tensor | None = None  # originals of ``protected``, same order
+    references: torch.Tensor | None = None  # other clean photos of the person
+
+    def __post_init__(self) -> None:
+        if self.clean is not None and self.clean.shape != self.protected.shape:
+            raise ValueError(
+                f"clean: {len(self.clean)} originals for {len(self.protected)} protected "
+                "photos; they must pair up in order"
+            )
+
+
+def score_upload(
+    bundle: DiffusionBundle,
+    upload: Upload,
+    countermeasures: Sequence[ComponentSpec] | None = None,
+    faces: Any = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The response body of ``/v1/score`` (without request metadata)."""
+    if countermeasures is None:
+        countermeasures = countermeasure_specs(DEFAULT_COUNTERMEASURES)
+    protected = upload.protected
+    n = len(protected)
+    identity = IdentitySet(
+        "upload",
+        "upload",
+        set_A=upload.references if upload.references is not None else protected,
+        set_B=protected,
+        set_C=upload.clean if upload.clean is not None else protected,
+    )
+
+    def env() -> AttackEnv:  # a fresh, seeded stream per use: answers are repeatable
+        return AttackEnv(bundle, identity, torch.Generator().manual_seed(seed))
+
+    if upload.clean is not None:
+        reference, reference_kind = upload.clean, "clean originals"
+    else:
+        purify = countermeasure_specs(["purify"])[0]
+        reference = _apply(purify, protected.to(bundle.device), env())
+        reference_kind = "purified copies"
+    gain = diffusion_loss(bundle, protected) - diffusion_loss(bundle, reference)
+    survives: dict[str, np.ndarray] = {}
+    names = [spec.name for spec in countermeasures]
+    for spec in countermeasures:
+        after = _apply(spec, protected.to(bundle.device), env())
+        reference_after = _apply(spec, reference.to(bundle.device), env())
+        label = spec.name if names.count(spec.name) == 1 else f"{spec.name}{spec.params_json()}"
+        survives[label] = diffusion_loss(bundle, after) - diffusion_loss(bundle, reference_after)
+    worst = np.min(np.stack(list(survives.values())), axis=0) if survives else gain
+    scores = overall(gain, worst)
+
+    photos: list[dict[str, Any]] = [
+        {
+            "index": i,
+            "loss_gain": float(gain[i]),
+            "survives": {k: float(v[i]) for k, v in survives.items()},
+            "worst_gain": float(worst[i]),
+            "score": float(scores[i]),
+        }
+        for i in range(n)
+    ]
+    if upload.clean is not None:
+        from antipers.metrics.budget import linf_255, psnr, ssim
+
+        budgets = zip(
+            linf_255(protected, upload.clean),
+            psnr(protected, upload.clean),
+            ssim(protected, upload.clean),
+            strict=True,
+        )
+        for photo, (li, ps, ss) in zip(photos, budgets, strict=True):
+            photo["budget"] = {"linf_255": float(li), "psnr_db": _finite(ps), "ssim": float(ss)}
+    if faces is not None:
+        _face_fields(photos, faces, upload)
+    return {
+        "reference": reference_kind,
+        "countermeasures": list(survives),
+        "photos": photos,
+        "set": {
+            "loss_gain": float(gain.mean()),
+            "worst_gain": float(worst.mean()),
+            "score": float(scores.mean()),
+        },
+    }
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no infinity: an unchanged photo's PSNR is reported as null."""
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
+def _face_fields(photos: list[dict[str, Any]], faces: Any, upload: Upload) -> None:
+    """Found or not; cosine similarity to the mean clean face where clean photos exist."""
+    boxes = faces.detect(upload.protected)
+    clean_sets = [x for x in (upload.clean, upload.references) if x is not None]
+    mean = None
+    if clean_sets:
+        vecs = faces.embed(torch.cat(clean_sets))
+        vecs = vecs[~np.isnan(vecs).any(axis=1)]
+        if len(vecs):
+            mean = vecs.mean(axis=0)
+            mean = mean / np.linalg.norm(mean)
+    embeddings = faces.embed(upload.protected) if mean is not None else None
+    for i, photo in enumerate(photos):
+        face: dict[str, Any] = {"found": boxes[i] is not None}
+        if embeddings is not None and boxes[i] is not None:
+            face["identity_similarity"] = float(embeddings[i] @ mean)
+        photo["face"] = face

@@ -1,0 +1,235 @@
+"""The scoring endpoint over real HTTP on 127.0.0.1 (Ray Serve + FastAPI)."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+requests = pytest.importorskip("requests")
+TOKEN = "s3cret-token-value"
+LIMITS = {"max_images": 4, "max_bytes": 1_000_000, "max_pixels": 256 * 256}
+
+
+def png(array: np.ndarray, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def as_png(images: torch.Tensor) -> list[bytes]:
+    from antipers.images import to_uint8
+
+    return [png(a) for a in to_uint8(images)]
+
+
+@pytest.fixture(scope="module")
+def photos():
+    """Clean photos of one synthetic person and their ASPL-protected versions."""
+    from antipers.models.tiny import TinyModel
+    from antipers.registry import DATASETS, DEFENSES
+
+    bundle = TinyModel(seed=0).load(torch.device("cpu"))
+    person = DATASETS.build("synthetic", {"n_identities": 1}).load("synth-0000", 64)
+    aspl = DEFENSES.build("aspl", {"eps": 16, "iterations": 6, "pgd_steps": 6})
+    protected = aspl.protect(person, bundle, torch.Generator().manual_seed(0)).images
+    return {"clean": as_png(person.set_B), "protected": as_png(protected)}
+
+
+@pytest.fixture(scope="module")
+def service(ray_address):
+    from ray import serve
+
+    from antipers.cluster.scoring import app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    common = {"resolution": 64, "limits": LIMITS}
+    serve.run(app(common), name="open", route_prefix="/")
+    serve.run(app({**common, "token": TOKEN}), name="secure", route_prefix="/secure")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+def post(url, files, options=None, headers=None):
+    data = {"options": json.dumps(options)} if options is not None else None
+    return requests.post(url, files=files, data=data, headers=headers, timeout=120)
+
+
+def files_of(photos, fields=("protected", "clean")):
+    return [(f, (f"{f}{i}.png", b, "image/png")) for f in fields for i, b in enumerate(photos[f])]
+
+
+FAST = {"countermeasures": ["jpeg", "blur"]}
+
+
+def healthy(service):
+    return requests.get(f"{service}/healthz", timeout=30).json()["status"] == "ok"
+
+
+def test_scoring_is_repeatable_and_ranks_protected_above_clean(service, photos):
+    first = post(f"{service}/v1/score", files_of(photos), FAST)
+    assert first.status_code == 200, first.text
+    body = first.json()
+    assert body["reference"] == "clean originals" and body["countermeasures"] == ["jpeg", "blur"]
+    assert len(body["photos"]) == len(photos["protected"])
+    photo = body["photos"][0]
+    assert {"loss_gain", "survives", "worst_gain", "score", "budget", "face"} <= set(photo)
+    assert 0 < photo["budget"]["linf_255"] <= 16.0 and photo["face"]["found"]  # eps 16
+    assert 0.0 <= body["set"]["score"] <= 1.0
+    again = post(f"{service}/v1/score", files_of(photos), FAST).json()
+    assert again == body  # fixed timesteps, noise and countermeasure seeds
+    clean = {"protected": photos["clean"], "clean": photos["clean"]}
+    unprotected = post(f"{service}/v1/score", files_of(clean), FAST).json()
+    assert unprotected["set"]["loss_gain"] == 0.0 and unprotected["set"]["score"] == 0.0
+    assert body["set"]["loss_gain"] > 0 and body["set"]["score"] > unprotected["set"]["score"]
+    assert (
+        "strength * (1 + survival) / 2" in requests.get(f"{service}/openapi.json", timeout=30).text
+    )
+
+
+def test_without_originals_the_gain_is_over_purified_copies(service, photos):
+    response = post(
+        f"{service}/v1/score", files_of(photos, ("protected",)), {"countermeasures": []}
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["reference"] == "purified copies" and "budget" not in body["photos"][0]
+
+
+def damaged_png(photos) -> bytes:
+    data = photos["protected"][0]
+    return data[: len(data) // 2]
+
+
+BAD = [
+    (
+        "text instead of an image",
+        lambda p: [("protected", ("a.txt", b"hello", "text/plain"))],
+        None,
+        415,
+        "protected[0]: not an image",
+    ),
+    (
+        "a GIF",
+        lambda p: [
+            ("protected", ("a.gif", png(np.zeros((8, 8, 3), np.uint8), "GIF"), "image/gif"))
+        ],
+        None,
+        415,
+        "GIF is not accepted",
+    ),
+    (
+        "too many photos",
+        lambda p: [("protected", (f"{i}.png", p["protected"][0], "image/png")) for i in range(5)],
+        None,
+        413,
+        "5 images exceeds the limit of 4",
+    ),
+    (
+        "too many bytes",
+        lambda p: [("protected", ("big.png", b"\0" * 1_100_000, "image/png"))],
+        None,
+        413,
+        "exceeds the limit of 1000000",
+    ),
+    (
+        "too many pixels",
+        lambda p: [
+            ("protected", ("huge.png", png(np.zeros((300, 300, 3), np.uint8)), "image/png"))
+        ],
+        None,
+        413,
+        "300x300 pixels",
+    ),
+    (
+        "damaged PNG",
+        lambda p: [("protected", ("cut.png", damaged_png(p), "image/png"))],
+        None,
+        422,
+        "data is damaged",
+    ),
+    (
+        "no protected photo",
+        lambda p: [("clean", ("c.png", p["clean"][0], "image/png"))],
+        None,
+        422,
+        "protected: at least one photo",
+    ),
+    ("originals that do not pair up", lambda p: files_of(p)[:-1], None, 422, "must pair up"),
+    (
+        "an unknown field",
+        lambda p: [
+            ("protected", ("a.png", p["protected"][0], "image/png")),
+            ("photos", ("b.png", p["clean"][0], "image/png")),
+        ],
+        None,
+        422,
+        "photos: unknown field",
+    ),
+    (
+        "an unknown countermeasure",
+        lambda p: files_of(p),
+        {"countermeasures": ["sharpen"]},
+        422,
+        "unknown countermeasure 'sharpen'",
+    ),
+    (
+        "another base model",
+        lambda p: files_of(p),
+        {"base_model": "sd15"},
+        422,
+        "options.base_model",
+    ),
+]
+
+
+@pytest.mark.parametrize("label,files,options,status,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_refused_with_a_named_problem(
+    service, photos, label, files, options, status, message
+):
+    response = post(f"{service}/v1/score", files(photos), options)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+    assert healthy(service)
+
+
+def test_bad_options_json_and_a_non_multipart_body(service, photos):
+    response = requests.post(
+        f"{service}/v1/score", files=files_of(photos), data={"options": "{not json"}, timeout=60
+    )
+    assert response.status_code == 422 and "options: not valid JSON" in response.json()["error"]
+    response = requests.post(f"{service}/v1/score", json={"protected": []}, timeout=60)
+    assert response.status_code == 415 and "multipart/form-data" in response.json()["error"]
+
+
+def test_token_is_required_when_configured_and_never_echoed(service, photos):
+    url = f"{service}/secure/v1/score"
+    for headers in (None, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        response = post(url, files_of(photos), FAST, headers=headers)
+        assert response.status_code == 401 and TOKEN not in response.text
+    ok = post(url, files_of(photos), FAST, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert ok.status_code == 200 and TOKEN not in ok.text
+    assert post(f"{service}/v1/score", files_of(photos), FAST).status_code == 200  # open app
+
+
+def test_fifty_concurrent_requests_are_all_answered(service, photos):
+    one = [("protected", ("p.png", photos["protected"][0], "image/png"))]
+    bad = [("protected", ("a.txt", b"nope", "text/plain"))]
+
+    def call(i):
+        return post(f"{service}/v1/score", bad if i % 5 == 0 else one, {"countermeasures": []})
+
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        codes = [r.status_code for r in pool.map(call, range(50))]
+    assert len(codes) == 50 and all(c < 500 for c in codes)
+    assert codes.count(415) == 10 and codes.count(200) == 40
+    assert healthy(service)
