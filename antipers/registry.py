@@ -245,6 +245,7 @@ for _name, _target in [
     ("celeba-hq", "antipers.data.folders:CelebAHQ"),
     ("vggface2", "antipers.data.folders:VGGFace2"),
     ("folder", "antipers.data.folders:PlainFolders"),
+    ("uploads", "antipers.data.folders:Uploads"),
 ]:
     DATASETS.register(_name, _target)
 

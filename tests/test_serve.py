@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -43,7 +44,7 @@ def photos():
 
 
 @pytest.fixture(scope="module")
-def service(ray_address):
+def service(ray_address, tmp_path_factory):
     from ray import serve
 
     from antipers.cluster.scoring import app
@@ -52,7 +53,8 @@ def service(ray_address):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    common = {"resolution": 64, "limits": LIMITS}
+    store = tmp_path_factory.mktemp("serve-store")
+    common = {"resolution": 64, "limits": LIMITS, "store": str(store)}
     serve.run(app(common), name="open", route_prefix="/")
     serve.run(app({**common, "token": TOKEN}), name="secure", route_prefix="/secure")
     yield f"http://127.0.0.1:{port}"
@@ -232,4 +234,49 @@ def test_fifty_concurrent_requests_are_all_answered(service, photos):
         codes = [r.status_code for r in pool.map(call, range(50))]
     assert len(codes) == 50 and all(c < 500 for c in codes)
     assert codes.count(415) == 10 and codes.count(200) == 40
+    assert healthy(service)
+
+
+EVALUATION = {
+    "attack": {"name": "lora", "steps": 2, "prior_weight": 0},
+    "sampling": {"name": "cfg", "steps": 2, "images_per_prompt": 1},
+    "metrics": ["fdfr", "psnr"],
+}
+
+
+def test_evaluation_lifecycle_submit_poll_done_rows(service, photos):
+    files = files_of(photos, ("protected",)) + [
+        ("references", (f"r{i}.png", b, "image/png")) for i, b in enumerate(photos["clean"])
+    ]
+    submitted = post(f"{service}/v1/evaluations", files, EVALUATION)
+    assert submitted.status_code == 202, submitted.text
+    evaluation = submitted.json()["id"]
+    assert submitted.json()["status"] in ("queued", "running", "done")
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        body = requests.get(f"{service}/v1/evaluations/{evaluation}", timeout=30).json()
+        if body["status"] not in ("queued", "running"):
+            break
+        time.sleep(1)
+    assert body["status"] == "done", body
+    rows = {r["metric"]: r for r in body["rows"]}
+    assert {"fdfr", "psnr"} <= set(rows) and rows["fdfr"]["spec_id"] == evaluation
+    assert rows["fdfr"]["defense"] == "none" and rows["fdfr"]["dataset"] == "uploads"
+    again = post(f"{service}/v1/evaluations", files, EVALUATION).json()
+    assert again == {"id": evaluation, "status": "done"}  # same upload, same id, no rerun
+
+
+def test_evaluation_requests_are_checked(service, photos):
+    only_protected = files_of(photos, ("protected",))
+    response = post(f"{service}/v1/evaluations", only_protected, EVALUATION)
+    assert response.status_code == 422 and "references: clean photos" in response.json()["error"]
+    with_refs = only_protected + [("references", ("r.png", photos["clean"][0], "image/png"))]
+    response = post(
+        f"{service}/v1/evaluations", with_refs, {"attack": {"name": "lora", "stepz": 1}}
+    )
+    assert response.status_code == 422 and "stepz" in response.json()["error"]
+    response = post(f"{service}/v1/evaluations", with_refs, {"defense": "aspl"})
+    assert response.status_code == 422 and "options.defense: unknown" in response.json()["error"]
+    assert requests.get(f"{service}/v1/evaluations/0123456789abcdef", timeout=30).status_code == 404
+    assert requests.get(f"{service}/v1/evaluations/nope", timeout=30).status_code == 422
     assert healthy(service)

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -82,7 +83,7 @@ def _decode(field: str, index: int, data: bytes, limits: Limits, size: int) -> t
     return from_pil(img, size)
 
 
-def _options(raw: str | None) -> dict[str, Any]:
+def _options(raw: str | None, allowed: tuple[str, ...]) -> dict[str, Any]:
     if not raw:
         return {}
     try:
@@ -91,9 +92,9 @@ def _options(raw: str | None) -> dict[str, Any]:
         raise Refused(422, f"options: not valid JSON ({exc.msg})") from None
     if not isinstance(options, dict):
         raise Refused(422, "options: expected a JSON object")
-    unknown = sorted(set(options) - {"base_model", "countermeasures"})
+    unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise Refused(422, f"options.{unknown[0]}: unknown; use base_model, countermeasures")
+        raise Refused(422, f"options.{unknown[0]}: unknown; use {', '.join(allowed)}")
     return options
 
 
@@ -107,9 +108,14 @@ class ScoringService:
         face_backend: str | None = "offline",
         limits: dict[str, int] | None = None,
         token: str | None = None,
+        store: str = "antipers-serve",
+        work_dir: str | None = None,
+        evaluation_defaults: dict[str, Any] | None = None,
     ) -> None:
+        from antipers.attacks.class_images import cache_root
         from antipers.device import pick_device
         from antipers.registry import BASE_MODELS
+        from antipers.results import ResultStore
 
         self.base_model = base_model
         self.resolution = resolution
@@ -122,6 +128,10 @@ class ScoringService:
             self.faces = load_backend(face_backend)
         self._token = token or os.environ.get(TOKEN_ENV) or None
         self._compute = asyncio.Lock()  # one scoring at a time; /healthz stays free
+        self.store = ResultStore(store)
+        self.work_dir = Path(work_dir or cache_root() / "uploads").expanduser()
+        self.evaluation_defaults = dict(evaluation_defaults or {})
+        self._running: dict[str, Any] = {}  # spec_id -> Ray task of this replica
 
     def _authorized(self, request: Request) -> bool:
         if self._token is None:
@@ -141,8 +151,8 @@ class ScoringService:
         try:
             if not self._authorized(request):
                 raise Refused(401, "missing or wrong bearer token")
-            body = await self._read_body(request)
-            upload, countermeasures = await self._parse(request, body)
+            sets, options, _ = await self._upload(request, ("base_model", "countermeasures"))
+            upload, countermeasures = self._score_request(sets, options)
             async with self._compute:
                 result = await asyncio.to_thread(
                     robustness.score_upload, self.bundle, upload, countermeasures, self.faces
@@ -166,15 +176,18 @@ class ScoringService:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _parse(
-        self, request: Request, body: bytes
-    ) -> tuple[robustness.Upload, tuple[Any, ...] | None]:
+    async def _upload(
+        self, request: Request, allowed: tuple[str, ...]
+    ) -> tuple[dict[str, torch.Tensor | None], dict[str, Any], list[bytes]]:
+        """The photos of each field (decoded, at the service's resolution), the options,
+        and the raw file bytes; every limit checked on the way."""
         from starlette.datastructures import UploadFile
         from starlette.formparsers import MultiPartException
         from starlette.requests import Request as StarletteRequest
 
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise Refused(415, "send multipart/form-data with files in 'protected'")
+        body = await self._read_body(request)
 
         async def receive() -> dict[str, Any]:
             return {"type": "http.request", "body": body, "more_body": False}
@@ -189,6 +202,7 @@ class ScoringService:
         if unknown:
             raise Refused(422, f"{unknown[0]}: unknown field; use {', '.join(FIELDS)}, options")
         sets: dict[str, torch.Tensor | None] = {}
+        raw: list[bytes] = []
         for field in FIELDS:
             files = [f for f in form.getlist(field) if isinstance(f, UploadFile)]
             if len(files) > self.limits.max_images:
@@ -196,14 +210,21 @@ class ScoringService:
                     413,
                     f"{field}: {len(files)} images exceeds the limit of {self.limits.max_images}",
                 )
-            images = [
-                _decode(field, i, await f.read(), self.limits, self.resolution)
-                for i, f in enumerate(files)
-            ]
+            images = []
+            for i, f in enumerate(files):
+                data = await f.read()
+                raw.append(field.encode() + data)
+                images.append(_decode(field, i, data, self.limits, self.resolution))
             sets[field] = torch.cat(images) if images else None
         if sets["protected"] is None:
             raise Refused(422, "protected: at least one photo is required")
-        options = _options(form.get("options") if isinstance(form.get("options"), str) else None)
+        text = form.get("options")
+        options = _options(text if isinstance(text, str) else None, allowed)
+        return sets, options, raw
+
+    def _score_request(
+        self, sets: dict[str, torch.Tensor | None], options: dict[str, Any]
+    ) -> tuple[robustness.Upload, tuple[Any, ...] | None]:
         if options.get("base_model", self.base_model) != self.base_model:
             raise Refused(422, f"options.base_model: this service scores with {self.base_model!r}")
         countermeasures = None
@@ -220,6 +241,58 @@ class ScoringService:
         except ValueError as exc:
             raise Refused(422, str(exc)) from None
         return upload, countermeasures
+
+    @api.post("/v1/evaluations", status_code=202)
+    async def submit_evaluation(self, request: Request) -> JSONResponse:
+        """A full evaluation of the uploaded (already protected) photos: personalize on
+        them, sample, score. ``references``: clean photos of the person (required)."""
+        from antipers.cluster import evaluations
+
+        try:
+            if not self._authorized(request):
+                raise Refused(401, "missing or wrong bearer token")
+            sets, options, raw = await self._upload(request, evaluations.OPTIONS)
+            protected, references = sets["protected"], sets["references"]
+            if references is None:
+                raise Refused(
+                    422,
+                    "references: clean photos of the person are required "
+                    "(the identity metrics compare the generated images with them)",
+                )
+            if sets["clean"] is not None:
+                raise Refused(422, "clean: not used by evaluations; send references")
+            root = self.work_dir / evaluations.upload_id(raw, options)
+            try:
+                spec = evaluations.evaluation_spec(
+                    options, self.evaluation_defaults, root, self.base_model, self.resolution
+                )
+            except ValueError as exc:  # SpecError included
+                raise Refused(422, str(exc)) from None
+            await asyncio.to_thread(evaluations.write_upload, root, protected, references)
+        except Refused as exc:
+            return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        known = evaluations.status(spec.spec_id, self.store, self._running)
+        if known is None or known["status"] == "failed":
+            self._running[spec.spec_id] = evaluations.submit(spec, self.store.uri)
+            known = {"id": spec.spec_id, "status": "queued"}
+        known.pop("rows", None)
+        return JSONResponse(known, status_code=202)
+
+    @api.get("/v1/evaluations/{evaluation_id}")
+    async def get_evaluation(self, evaluation_id: str, request: Request) -> JSONResponse:
+        from antipers.cluster import evaluations
+
+        if not self._authorized(request):
+            return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401)
+        if len(evaluation_id) != 16 or any(c not in "0123456789abcdef" for c in evaluation_id):
+            return JSONResponse(
+                {"error": f"{evaluation_id!r}: an evaluation id is 16 hex digits"},
+                status_code=422,
+            )
+        body = await asyncio.to_thread(evaluations.status, evaluation_id, self.store, self._running)
+        if body is None:
+            return JSONResponse({"error": f"no evaluation {evaluation_id}"}, status_code=404)
+        return JSONResponse(body)
 
 
 def app(args: dict[str, Any] | None = None) -> Any:

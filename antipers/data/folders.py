@@ -149,6 +149,14 @@ class VGGFace2(AntiDreamBoothFolders):
 
 
 @dataclass(frozen=True)
+class Uploads(AntiDreamBoothFolders):
+    """Photos sent to the scoring service for a full evaluation (set_B: the protected
+    photos; set_A and set_C: the clean ones), written in the Anti-DreamBooth layout."""
+
+    label: ClassVar[str] = "uploads"
+
+
+@dataclass(frozen=True)
 class PlainFolders:
     """``<root>/<identity>/<photos>``, split round-robin into set_A, set_B, set_C."""
 
