@@ -280,6 +280,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     return _cluster_call(search, spec, ResultStore(args.store), args.address, args.resume)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from antipers.cluster.commands import serve_forever
+
+    if args.port is not None and not 1 <= args.port <= 65535:
+        raise CLIError(f"--port: expected 1..65535, got {args.port}")
+    return _cluster_call(serve_forever, args.config, args.host, args.port, args.address)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from antipers.cluster.commands import demo
 
@@ -438,6 +446,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster to join (default: start one here)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("serve", help="the online robustness-scoring service (Ray Serve, HTTP)")
+    p.add_argument("--config", metavar="serve/scoring.yaml", help="Serve config (default: tiny)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--address", help="Ray cluster to join (default: start one here)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
         "demo",

@@ -6,6 +6,7 @@ import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import ray
@@ -146,3 +147,55 @@ def search(spec: SearchSpec, store: ResultStore, address: str | None, resume: bo
     if unfinished:
         print("the search stopped early: run the same command with --resume to finish it")
     return 1 if errors or unfinished else 0
+
+
+def serve_forever(
+    config: str | None, host: str | None, port: int | None, address: str | None
+) -> int:
+    """``antipers serve``: the scoring service from a Serve config (its first
+    application's args and deployment options), until Ctrl-C."""
+    import time
+
+    import yaml
+    from ray import serve
+    from ray.serve.schema import ServeDeploySchema
+
+    from antipers.cluster.scoring import ScoringService
+
+    http: dict[str, Any] = {}
+    args: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    name, prefix = "scoring", "/"
+    if config:
+        try:
+            raw = yaml.safe_load(Path(config).read_text())
+            schema = ServeDeploySchema.parse_obj(raw)
+        except (OSError, yaml.YAMLError, ValueError) as exc:
+            raise ClusterError(f"--config {config}: {exc}") from None
+        if len(schema.applications) != 1:
+            raise ClusterError(f"--config {config}: expected one application")
+        application = schema.applications[0]
+        http = raw.get("http_options") or {}
+        args = dict(application.args or {})
+        name, prefix = application.name, application.route_prefix or "/"
+        for deployment in application.deployments:
+            options.update(deployment.dict(exclude_unset=True))
+        options.pop("name", None)
+    host = host or http.get("host", "127.0.0.1")
+    port = port or http.get("port", 8000)
+    started = connect(address)
+    try:
+        url = f"http://{host}:{port}{prefix.rstrip('/')}"
+        print(f"starting the scoring service on {url} (OpenAPI at {url}/docs)", flush=True)
+        serve.start(http_options={"host": host, "port": port})
+        target = ScoringService.options(**options) if options else ScoringService
+        serve.run(target.bind(**args), name=name, route_prefix=prefix)
+        print(f"serving on {url}; Ctrl-C stops it", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        serve.shutdown()
+        if started:
+            ray.shutdown()
