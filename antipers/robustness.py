@@ -43,10 +43,27 @@ def countermeasure_specs(entries: Sequence[Any]) -> tuple[ComponentSpec, ...]:
     )
 
 
+MICRO_BATCH = 4  # every forward pass has this shape: a photo's number never depends on
+# what it was batched with (kernels are chosen by shape; samples do not mix)
+
+
 @torch.no_grad()
 def diffusion_loss(bundle: DiffusionBundle, images: torch.Tensor) -> np.ndarray:
-    """Per-photo denoising loss, averaged over fixed timesteps; the same noise for every
-    photo, so a photo's number does not depend on what else is in the batch."""
+    """Per-photo denoising loss, averaged over fixed timesteps, with the same noise for
+    every photo; computed in padded micro-batches of one fixed shape, so the result is
+    bitwise the same whether a photo comes alone, with its set, or batched with other
+    requests."""
+    out = []
+    for start in range(0, len(images), MICRO_BATCH):
+        chunk = images[start : start + MICRO_BATCH]
+        pad = MICRO_BATCH - len(chunk)
+        if pad:
+            chunk = torch.cat([chunk, chunk[:1].expand(pad, -1, -1, -1)])
+        out.append(_loss_batch(bundle, chunk)[: MICRO_BATCH - pad])
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+def _loss_batch(bundle: DiffusionBundle, images: torch.Tensor) -> np.ndarray:
     images = images.to(bundle.device)
     latents = bundle.encode(images)
     embeds = bundle.prompt_embeds([PROMPT] * len(images))
@@ -96,6 +113,10 @@ def score_upload(
     seed: int = 0,
 ) -> dict[str, Any]:
     """The response body of ``/v1/score`` (without request metadata)."""
+
+    def loss(images: torch.Tensor) -> np.ndarray:
+        return diffusion_loss(bundle, images)
+
     if countermeasures is None:
         countermeasures = countermeasure_specs(DEFAULT_COUNTERMEASURES)
     protected = upload.protected
@@ -117,14 +138,14 @@ def score_upload(
         purify = countermeasure_specs(["purify"])[0]
         reference = _apply(purify, protected.to(bundle.device), env())
         reference_kind = "purified copies"
-    gain = diffusion_loss(bundle, protected) - diffusion_loss(bundle, reference)
+    gain = loss(protected) - loss(reference)
     survives: dict[str, np.ndarray] = {}
     names = [spec.name for spec in countermeasures]
     for spec in countermeasures:
         after = _apply(spec, protected.to(bundle.device), env())
         reference_after = _apply(spec, reference.to(bundle.device), env())
         label = spec.name if names.count(spec.name) == 1 else f"{spec.name}{spec.params_json()}"
-        survives[label] = diffusion_loss(bundle, after) - diffusion_loss(bundle, reference_after)
+        survives[label] = loss(after) - loss(reference_after)
     worst = np.min(np.stack(list(survives.values())), axis=0) if survives else gain
     scores = overall(gain, worst)
 
