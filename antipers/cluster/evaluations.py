@@ -92,9 +92,9 @@ def submit(spec: ExperimentSpec, store_uri: str) -> Any:
 def status(spec_id: str, store: ResultStore, running: Mapping[str, Any]) -> dict[str, Any] | None:
     """``queued/running``, ``done`` with the aggregate rows, ``failed`` with the error;
     None for an id never seen."""
-    if spec_id in store.finished_ids() or spec_id in store.failed_ids():
+    failed = spec_id in store.failed_ids()
+    if failed or spec_id in store.finished_ids():
         rows = store.load([spec_id])
-        failed = spec_id in store.failed_ids()
         aggregates = rows[rows["image_index"] == -1].drop(columns=["spec_json"])
         records = json.loads(aggregates.to_json(orient="records", date_format="iso"))
         body: dict[str, Any] = {"id": spec_id, "status": "failed" if failed else "done"}

@@ -145,7 +145,6 @@ def start_workers(plan: WorkerPlan) -> dict[str, Pool]:
         res = plan.roles[role]
         actors = [
             RemoteStageWorker.options(
-                name=None,
                 num_cpus=res.cpus,
                 num_gpus=res.gpus,
                 max_restarts=MAX_RESTARTS,
