@@ -15,7 +15,7 @@ so the overall score grows with protection and with how much of it survives.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,22 +44,27 @@ def countermeasure_specs(entries: Sequence[Any]) -> tuple[ComponentSpec, ...]:
 
 
 MICRO_BATCH = 4  # every forward pass has this shape: a photo's number never depends on
-# what it was batched with (kernels are chosen by shape; samples do not mix)
+# what it was batched with (kernels are chosen by shape and layout; samples do not mix)
 
 
 @torch.no_grad()
-def diffusion_loss(bundle: DiffusionBundle, images: torch.Tensor) -> np.ndarray:
+def diffusion_loss(
+    bundle: DiffusionBundle, images: torch.Tensor, micro_batch: int = MICRO_BATCH
+) -> np.ndarray:
     """Per-photo denoising loss, averaged over fixed timesteps, with the same noise for
     every photo; computed in padded micro-batches of one fixed shape, so the result is
     bitwise the same whether a photo comes alone, with its set, or batched with other
     requests."""
     out = []
-    for start in range(0, len(images), MICRO_BATCH):
-        chunk = images[start : start + MICRO_BATCH]
-        pad = MICRO_BATCH - len(chunk)
+    for start in range(0, len(images), micro_batch):
+        chunk = images[start : start + micro_batch]
+        pad = micro_batch - len(chunk)
         if pad:
             chunk = torch.cat([chunk, chunk[:1].expand(pad, -1, -1, -1)])
-        out.append(_loss_batch(bundle, chunk)[: MICRO_BATCH - pad])
+        # one memory layout too: convolution kernels differ by layout (decoded photos
+        # arrive channels-last), and so would the last bits of the loss
+        chunk = chunk.contiguous(memory_format=torch.contiguous_format)
+        out.append(_loss_batch(bundle, chunk)[: micro_batch - pad])
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
@@ -105,6 +110,82 @@ class Upload:
             )
 
 
+@dataclass
+class _Plan:
+    """One upload's photos that need a diffusion loss, gathered before any is computed,
+    so a batch of uploads shares padded micro-batches."""
+
+    upload: Upload
+    reference_kind: str
+    labels: list[str]  # countermeasure labels, in order
+    batches: list[torch.Tensor]  # protected, reference, then (after, reference_after) per label
+
+
+def _plan(
+    bundle: DiffusionBundle,
+    upload: Upload,
+    countermeasures: Sequence[ComponentSpec] | None,
+    seed: int,
+) -> _Plan:
+    if countermeasures is None:
+        countermeasures = countermeasure_specs(DEFAULT_COUNTERMEASURES)
+    protected = upload.protected.to(bundle.device)
+    identity = IdentitySet(
+        "upload",
+        "upload",
+        set_A=upload.references if upload.references is not None else upload.protected,
+        set_B=upload.protected,
+        set_C=upload.clean if upload.clean is not None else upload.protected,
+    )
+
+    def env() -> AttackEnv:  # a fresh, seeded stream per use: answers are repeatable
+        return AttackEnv(bundle, identity, torch.Generator().manual_seed(seed))
+
+    if upload.clean is not None:
+        reference, reference_kind = upload.clean.to(bundle.device), "clean originals"
+    else:
+        purify = countermeasure_specs(["purify"])[0]
+        reference, reference_kind = _apply(purify, protected, env()), "purified copies"
+    batches = [protected, reference]
+    names = [spec.name for spec in countermeasures]
+    labels = []
+    for spec in countermeasures:
+        batches += [_apply(spec, protected, env()), _apply(spec, reference, env())]
+        labels.append(
+            spec.name if names.count(spec.name) == 1 else f"{spec.name}{spec.params_json()}"
+        )
+    return _Plan(upload, reference_kind, labels, [b.detach().cpu() for b in batches])
+
+
+def score_uploads(
+    bundle: DiffusionBundle,
+    jobs: Sequence[tuple[Upload, Sequence[ComponentSpec] | None]],
+    faces: Any = None,
+    seed: int = 0,
+    micro_batch: int = MICRO_BATCH,
+) -> list[dict[str, Any] | Exception]:
+    """The response bodies of several ``/v1/score`` requests, their losses computed in
+    shared micro-batches (fewer padded passes; each number as if scored alone). A job
+    whose countermeasures fail gets its exception in its place; the others are scored."""
+    plans: list[_Plan | Exception] = []
+    for upload, countermeasures in jobs:
+        try:
+            plans.append(_plan(bundle, upload, countermeasures, seed))
+        except (ValueError, RuntimeError) as exc:
+            plans.append(exc)
+    pending = [b for plan in plans if isinstance(plan, _Plan) for b in plan.batches]
+    losses: Iterator[np.ndarray] = iter(())
+    if pending:
+        pooled = diffusion_loss(bundle, torch.cat(pending), micro_batch)
+        losses = iter(np.split(pooled, np.cumsum([len(b) for b in pending])[:-1]))
+    return [
+        plan
+        if isinstance(plan, Exception)
+        else _body(plan, [next(losses) for _ in plan.batches], faces)
+        for plan in plans
+    ]
+
+
 def score_upload(
     bundle: DiffusionBundle,
     upload: Upload,
@@ -113,42 +194,18 @@ def score_upload(
     seed: int = 0,
 ) -> dict[str, Any]:
     """The response body of ``/v1/score`` (without request metadata)."""
+    (body,) = score_uploads(bundle, [(upload, countermeasures)], faces, seed)
+    if isinstance(body, Exception):
+        raise body
+    return body
 
-    def loss(images: torch.Tensor) -> np.ndarray:
-        return diffusion_loss(bundle, images)
 
-    if countermeasures is None:
-        countermeasures = countermeasure_specs(DEFAULT_COUNTERMEASURES)
-    protected = upload.protected
-    n = len(protected)
-    identity = IdentitySet(
-        "upload",
-        "upload",
-        set_A=upload.references if upload.references is not None else protected,
-        set_B=protected,
-        set_C=upload.clean if upload.clean is not None else protected,
-    )
-
-    def env() -> AttackEnv:  # a fresh, seeded stream per use: answers are repeatable
-        return AttackEnv(bundle, identity, torch.Generator().manual_seed(seed))
-
-    if upload.clean is not None:
-        reference, reference_kind = upload.clean, "clean originals"
-    else:
-        purify = countermeasure_specs(["purify"])[0]
-        reference = _apply(purify, protected.to(bundle.device), env())
-        reference_kind = "purified copies"
-    gain = loss(protected) - loss(reference)
-    survives: dict[str, np.ndarray] = {}
-    names = [spec.name for spec in countermeasures]
-    for spec in countermeasures:
-        after = _apply(spec, protected.to(bundle.device), env())
-        reference_after = _apply(spec, reference.to(bundle.device), env())
-        label = spec.name if names.count(spec.name) == 1 else f"{spec.name}{spec.params_json()}"
-        survives[label] = loss(after) - loss(reference_after)
+def _body(plan: _Plan, losses: list[np.ndarray], faces: Any) -> dict[str, Any]:
+    upload = plan.upload
+    gain = losses[0] - losses[1]
+    survives = {label: losses[2 + 2 * k] - losses[3 + 2 * k] for k, label in enumerate(plan.labels)}
     worst = np.min(np.stack(list(survives.values())), axis=0) if survives else gain
     scores = overall(gain, worst)
-
     photos: list[dict[str, Any]] = [
         {
             "index": i,
@@ -157,23 +214,21 @@ def score_upload(
             "worst_gain": float(worst[i]),
             "score": float(scores[i]),
         }
-        for i in range(n)
+        for i in range(len(upload.protected))
     ]
     if upload.clean is not None:
         from antipers.metrics.budget import linf_255, psnr, ssim
 
+        protected, clean = upload.protected, upload.clean
         budgets = zip(
-            linf_255(protected, upload.clean),
-            psnr(protected, upload.clean),
-            ssim(protected, upload.clean),
-            strict=True,
+            linf_255(protected, clean), psnr(protected, clean), ssim(protected, clean), strict=True
         )
         for photo, (li, ps, ss) in zip(photos, budgets, strict=True):
             photo["budget"] = {"linf_255": float(li), "psnr_db": _finite(ps), "ssim": float(ss)}
     if faces is not None:
         _face_fields(photos, faces, upload)
     return {
-        "reference": reference_kind,
+        "reference": plan.reference_kind,
         "countermeasures": list(survives),
         "photos": photos,
         "set": {

@@ -1,12 +1,15 @@
 """Latency and throughput of ``POST /v1/score`` over HTTP on 127.0.0.1.
 
 Starts Ray and the scoring service here (tiny base model, 64 px by default), sends
-requests of 4 photos with their originals at concurrency 1, 4 and 16, and prints one
-table: p50 and p99 latency and requests per second per level, with throughput as a
-ratio to concurrency 1 measured in the same run. Purification is left out of the
-default countermeasures (``--countermeasures``): on a CPU it dominates every request.
+requests of 1 and of 4 photos with their originals at concurrency 1, 4 and 16, with
+request batching off (``max_requests: 1``, the baseline, the CPU default) and on (up
+to 8 requests pooled in micro-batches of 4 or of 16 photos, 16 the GPU default), and
+prints one table: p50 and p99 latency and requests per second, with throughput as a
+ratio to the unbatched service at concurrency 1 for the same upload size, measured in
+the same run. Purification is left out of the default countermeasures
+(``--countermeasures``): on a CPU it dominates every request.
 
-    python benchmarks/serve.py [--requests 16] [--countermeasures jpeg,blur,resize,purify]
+    python benchmarks/serve.py [--requests 16] [--photos 1,4] [--countermeasures ...]
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--photos", type=int, default=4)
+    parser.add_argument("--photos", default="1,4", help="photos per request, a list")
     parser.add_argument("--requests", type=int, default=16, help="per concurrency level")
     parser.add_argument("--levels", default="1,4,16")
     parser.add_argument("--countermeasures", default="jpeg,blur,resize")
@@ -63,38 +66,56 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    config = {"base_model": args.model, "resolution": args.resolution}
-    serve.run(app(config), name="bench", route_prefix="/")
     url = f"http://127.0.0.1:{port}/v1/score"
-    protected, clean = photos(args.photos, args.resolution)
-    files = [("protected", (f"p{i}.png", b, "image/png")) for i, b in enumerate(protected)]
-    files += [("clean", (f"c{i}.png", b, "image/png")) for i, b in enumerate(clean)]
     options = {"options": json.dumps({"countermeasures": args.countermeasures.split(",")})}
-
-    def one(_: int) -> float:
-        t0 = time.perf_counter()
-        response = requests.post(url, files=files, data=options, timeout=600)
-        response.raise_for_status()
-        return time.perf_counter() - t0
-
-    one(0)  # warm-up: first request builds the face backend's caches
+    levels = [int(x) for x in args.levels.split(",")]
     rows = []
-    for level in (int(x) for x in args.levels.split(",")):
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=level) as pool:
-            latencies = list(pool.map(one, range(args.requests)))
-        wall = time.perf_counter() - t0
-        rows.append((level, *np.percentile(latencies, [50, 99]), args.requests / wall))
+    modes = {
+        "off": {"max_requests": 1, "micro_batch": 4},
+        "8x4": {"max_requests": 8, "micro_batch": 4},
+        "8x16": {"max_requests": 8, "micro_batch": 16},
+    }
+    for mode, batching in modes.items():
+        config = {"base_model": args.model, "resolution": args.resolution, "batching": batching}
+        serve.run(app(config), name="bench", route_prefix="/")
+        for n in (int(x) for x in args.photos.split(",")):
+            protected, clean = photos(n, args.resolution)
+            files = [("protected", (f"p{i}.png", b, "image/png")) for i, b in enumerate(protected)]
+            files += [("clean", (f"c{i}.png", b, "image/png")) for i, b in enumerate(clean)]
+
+            def one(_: int, files: list = files) -> float:
+                t0 = time.perf_counter()
+                response = requests.post(url, files=files, data=options, timeout=600)
+                response.raise_for_status()
+                return time.perf_counter() - t0
+
+            one(0)  # warm-up: the first request builds the face backend's caches
+            for level in levels:
+                t0 = time.perf_counter()
+                with ThreadPoolExecutor(max_workers=level) as pool:
+                    latencies = list(pool.map(one, range(args.requests)))
+                wall = time.perf_counter() - t0
+                p50, p99 = np.percentile(latencies, [50, 99])
+                rows.append((n, mode, level, p50, p99, args.requests / wall))
+        serve.delete("bench")
     serve.shutdown()
 
-    base = rows[0][3]
+    base = {n: rps for n, mode, level, _, _, rps in rows if mode == "off" and level == levels[0]}
     print(
-        f"\n/v1/score, {args.photos} photos + originals, {args.model} at {args.resolution} px, "
-        f"countermeasures {args.countermeasures}, {args.requests} requests per level, 1 replica"
+        f"\n/v1/score with originals, {args.model} at {args.resolution} px, countermeasures "
+        f"{args.countermeasures}, {args.requests} requests per level, 1 replica"
     )
-    print(f"{'concurrency':>11} {'p50 s':>8} {'p99 s':>8} {'req/s':>8} {'vs c=1':>8}")
-    for level, p50, p99, rps in rows:
-        print(f"{level:>11} {p50:>8.3f} {p99:>8.3f} {rps:>8.2f} {rps / base:>7.2f}x")
+    print(
+        f"{'photos':>6} {'batching':>8} {'concurrency':>11} {'p50 s':>8} {'p99 s':>8} "
+        f"{'req/s':>8} {'vs off,c=' + str(levels[0]):>11}"
+    )
+    for n, mode, level, p50, p99, rps in sorted(
+        rows, key=lambda r: (r[0], list(modes).index(r[1]))
+    ):
+        print(
+            f"{n:>6} {mode:>8} {level:>11} {p50:>8.3f} {p99:>8.3f} {rps:>8.2f} "
+            f"{rps / base[n]:>10.2f}x"
+        )
 
 
 if __name__ == "__main__":

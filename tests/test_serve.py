@@ -55,7 +55,8 @@ def service(ray_address, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     store = tmp_path_factory.mktemp("serve-store")
     common = {"resolution": 64, "limits": LIMITS, "store": str(store)}
-    serve.run(app(common), name="open", route_prefix="/")
+    # batched on a CPU too (its default there is one request at a time), to test it
+    serve.run(app({**common, "batching": {"max_requests": 8}}), name="open", route_prefix="/")
     serve.run(app({**common, "token": TOKEN}), name="secure", route_prefix="/secure")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -230,11 +231,20 @@ def test_fifty_concurrent_requests_are_all_answered(service, photos):
     def call(i):
         return post(f"{service}/v1/score", bad if i % 5 == 0 else one, {"countermeasures": []})
 
+    before = requests.get(f"{service}/healthz", timeout=30).json()["scored"]
     with ThreadPoolExecutor(max_workers=10) as pool:
-        codes = [r.status_code for r in pool.map(call, range(50))]
+        answers = list(pool.map(call, range(50)))
+    codes = [r.status_code for r in answers]
     assert len(codes) == 50 and all(c < 500 for c in codes)
     assert codes.count(415) == 10 and codes.count(200) == 40
     assert healthy(service)
+    # requests were scored together (serve.batch), and batching never changed a number
+    after = requests.get(f"{service}/healthz", timeout=30).json()["scored"]
+    assert after["requests"] - before["requests"] == 40
+    assert after["batches"] - before["batches"] < 40
+    bodies = [r.json()["photos"] for r in answers if r.status_code == 200]
+
+    assert all(body == bodies[0] for body in bodies)
 
 
 EVALUATION = {
@@ -280,3 +290,21 @@ def test_evaluation_requests_are_checked(service, photos):
     assert requests.get(f"{service}/v1/evaluations/0123456789abcdef", timeout=30).status_code == 404
     assert requests.get(f"{service}/v1/evaluations/nope", timeout=30).status_code == 422
     assert healthy(service)
+
+
+@pytest.mark.parametrize(
+    "settings, field",
+    [
+        ({"max_requests": 0}, "max_requests"),
+        ({"micro_batch": 2.5}, "micro_batch"),
+        ({"wait_s": -1}, "wait_s"),
+    ],
+)
+def test_bad_batching_settings_are_named(settings, field):
+    from antipers.cluster.scoring import Batching
+
+    with pytest.raises(ValueError, match=f"batching.{field}"):
+        Batching(**settings)
+    resolved = Batching().resolved(torch.device("cpu"))
+    assert (resolved.max_requests, resolved.micro_batch) == (1, 4)
+    assert Batching().resolved(torch.device("cuda")).max_requests == 8

@@ -53,6 +53,38 @@ class Limits:
     max_pixels: int = 4096 * 4096  # per image, read from the header before decoding
 
 
+@dataclass(frozen=True)
+class Batching:
+    """Concurrent /v1/score requests scored together (``serve.batch``): their diffusion
+    losses share padded micro-batches of ``micro_batch`` photos, each number as if
+    scored alone (for one ``micro_batch``), and one batch runs at a time.
+
+    It helps where a bigger forward pass costs little more than a small one (a GPU);
+    on a CPU the work is linear in photos and pooling only adds waiting, so by default
+    a CPU replica scores one request at a time in micro-batches of 4 (measured:
+    benchmarks/serve.py)."""
+
+    max_requests: int | None = None  # default: 8 on a GPU, 1 on a CPU
+    wait_s: float = 0.02
+    micro_batch: int | None = None  # default: 16 on a GPU, 4 on a CPU
+
+    def __post_init__(self) -> None:
+        for name in ("max_requests", "micro_batch"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"batching.{name}: expected an integer >= 1, got {value!r}")
+        if not isinstance(self.wait_s, int | float) or self.wait_s < 0:
+            raise ValueError(f"batching.wait_s: expected seconds >= 0, got {self.wait_s!r}")
+
+    def resolved(self, device: torch.device) -> "Batching":
+        gpu = device.type == "cuda"
+        return Batching(
+            self.max_requests or (8 if gpu else 1),
+            self.wait_s,
+            self.micro_batch or (16 if gpu else robustness.MICRO_BATCH),
+        )
+
+
 class Refused(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -111,6 +143,7 @@ class ScoringService:
         store: str = "antipers-serve",
         work_dir: str | None = None,
         evaluation_defaults: dict[str, Any] | None = None,
+        batching: dict[str, Any] | None = None,
     ) -> None:
         from antipers.attacks.class_images import cache_root
         from antipers.device import pick_device
@@ -127,7 +160,13 @@ class ScoringService:
 
             self.faces = load_backend(face_backend)
         self._token = token or os.environ.get(TOKEN_ENV) or None
-        self._compute = asyncio.Lock()  # one scoring at a time; /healthz stays free
+        try:
+            self.batching = Batching(**(batching or {})).resolved(self.bundle.device)
+        except TypeError as exc:
+            raise ValueError(f"batching: {exc}; use max_requests, wait_s, micro_batch") from None
+        self._score_batch.set_max_batch_size(self.batching.max_requests)
+        self._score_batch.set_batch_wait_timeout_s(self.batching.wait_s)
+        self.scored = {"requests": 0, "batches": 0}
         self.store = ResultStore(store)
         self.work_dir = Path(work_dir or cache_root() / "uploads").expanduser()
         self.evaluation_defaults = dict(evaluation_defaults or {})
@@ -144,7 +183,13 @@ class ScoringService:
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
-        return {"status": "ok", "base_model": self.base_model, "limits": asdict(self.limits)}
+        return {
+            "status": "ok",
+            "base_model": self.base_model,
+            "limits": asdict(self.limits),
+            "batching": asdict(self.batching),
+            "scored": dict(self.scored),
+        }
 
     @api.post("/v1/score")
     async def score(self, request: Request) -> JSONResponse:
@@ -153,15 +198,29 @@ class ScoringService:
                 raise Refused(401, "missing or wrong bearer token")
             sets, options, _ = await self._upload(request, ("base_model", "countermeasures"))
             upload, countermeasures = self._score_request(sets, options)
-            async with self._compute:
-                result = await asyncio.to_thread(
-                    robustness.score_upload, self.bundle, upload, countermeasures, self.faces
-                )
+            result = await self._score_batch((upload, countermeasures))
+            if isinstance(result, Exception):
+                raise Refused(422, f"options.countermeasures: {result}")
         except Refused as exc:
             return JSONResponse({"error": str(exc)}, status_code=exc.status)
         result["base_model"] = self.base_model
         result["resolution"] = self.resolution
         return JSONResponse(result)
+
+    @serve.batch(max_concurrent_batches=1)  # sizes set from the config in __init__
+    async def _score_batch(
+        self, jobs: list[tuple[robustness.Upload, tuple[Any, ...] | None]]
+    ) -> list[dict[str, Any] | Exception]:
+        """Runs off the event loop, so /healthz and uploads stay responsive."""
+        self.scored["requests"] += len(jobs)
+        self.scored["batches"] += 1
+        return await asyncio.to_thread(
+            robustness.score_uploads,
+            self.bundle,
+            jobs,
+            self.faces,
+            micro_batch=self.batching.micro_batch,
+        )
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.limits.max_bytes
