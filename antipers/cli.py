@@ -295,6 +295,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if report.failed == 0 else 1
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from antipers.report import write_report
+
+    report = write_report(args.store, args.out, args.boards)
+    print(report.summary())
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     kinds = [args.kind] if args.kind else list(REGISTRIES)
     for kind in kinds:
@@ -446,6 +454,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster to join (default: start one here)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser(
+        "report", help="leaderboards from a store: index.html, leaderboard.md, CSV and Parquet"
+    )
+    p.add_argument("--store", required=True, help="result store: a folder or a pyarrow.fs URI")
+    p.add_argument("--out", required=True, metavar="DIR", help="report folder (written atomically)")
+    p.add_argument(
+        "--boards", metavar="reports/boards.yaml", help="ranking and checks (default: shipped)"
+    )
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("serve", help="the online robustness-scoring service (Ray Serve, HTTP)")
     p.add_argument("--config", metavar="serve/scoring.yaml", help="Serve config (default: tiny)")

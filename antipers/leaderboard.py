@@ -1,13 +1,28 @@
-"""Rows -> tables. For now the summary that ``antipers run`` and ``antipers demo``
-print: each metric's aggregate, averaged over identities and seeds, per defense."""
+"""Rows -> tables: the summary that ``antipers run`` and ``antipers demo`` print, and
+the boards that ``antipers report`` publishes (``antipers/report.py`` renders them).
+
+A board holds one attack under one protocol, scored by one set of metric backends.
+Per defense configuration: each metric's mean over identities (seeds averaged first)
+with a percentile-bootstrap interval, the number of identities, and the worst case of
+the primary metric over the attacker's countermeasures, by which the board is ranked
+(as RobustBench ranks by the strongest known attack).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
+import scipy.stats
 
-from antipers.results import AGGREGATE_INDEX, OK
+from antipers.boards import BoardRules, BoardsConfig
+from antipers.metrics.base import UNAVAILABLE
+from antipers.results import AGGREGATE_INDEX, ERROR, OK
 
 
 def summary_table(
@@ -45,3 +60,259 @@ def missing_metrics(rows: pd.DataFrame) -> pd.DataFrame:
         .agg(experiments=("spec_id", "nunique"), reason=("error", "first"))
         .reset_index()
     )
+
+
+# --- boards: what `antipers report` publishes ----------------------------------------
+
+BOARD_FIELDS = ("track", "dataset", "base_model", "attack", "attack_params", "protocol")
+NO_COUNTERMEASURE = "none"
+
+
+class ReportError(ValueError):
+    """A store that yields no board; the message says what the store holds instead."""
+
+
+@dataclass
+class Board:
+    """One leaderboard: defense configurations under one attack and protocol, scored by
+    one set of metric backends (numbers from different backends are never averaged)."""
+
+    key: dict[str, str]  # BOARD_FIELDS and "backends"
+    rules: BoardRules
+    primary: str | None  # the ranking metric (None: no candidate has values here)
+    higher_is_better: bool | None
+    metrics: list[str]  # table columns, primary first, visibility last
+    visibility: list[str]
+    table: pd.DataFrame  # ranked; one row per defense configuration
+    by_countermeasure: pd.DataFrame  # configuration x countermeasure: primary mean
+    identities: pd.DataFrame  # configuration x identity: primary value, no countermeasure
+    directions: dict[str, bool | None] = field(default_factory=dict)  # better for the defense
+    flags: list[str] = field(default_factory=list)  # shown on the board
+    baseline: str = "missing"  # works | failed (the attack did not learn) | missing
+    counts: dict[str, int] = field(default_factory=dict)
+    problems: pd.DataFrame = field(default_factory=pd.DataFrame)  # metric, status, n, reason
+
+    @property
+    def reliable(self) -> bool:
+        return self.baseline != "failed"
+
+    @property
+    def title(self) -> str:
+        k = self.key
+        parts = [k["track"], k["dataset"], k["base_model"], k["attack"], k["protocol"]]
+        measured_by = next(
+            (
+                part.split(":")[0]
+                for part in k["backends"].split("; ")
+                if self.primary in part.split(": ")[-1].split(", ")
+            ),
+            None,
+        )
+        if measured_by:  # boards that differ only by backend must not read alike
+            parts.append(f"{self.primary} by {measured_by}")
+        return " · ".join(parts)
+
+    @property
+    def slug(self) -> str:
+        return hashlib.sha1(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _config_labels(experiments: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """``aspl`` alone, or ``aspl (eps=8)`` where one defense has several configurations
+    on the board: only the parameters that differ are named."""
+    labels = {}
+    for defense, group in experiments.groupby("defense"):
+        params = {p: json.loads(p) if p else {} for p in group["defense_params"].unique()}
+        varying = sorted(
+            {
+                k
+                for d in params.values()
+                for k in d
+                if len({json.dumps(x.get(k)) for x in params.values()}) > 1
+            }
+        )
+        for raw, values in params.items():
+            named = ", ".join(f"{k}={json.dumps(values.get(k))}" for k in varying)
+            labels[(defense, raw)] = f"{defense} ({named})" if named else str(defense)
+    return labels
+
+
+def _interval(values: np.ndarray, rules: BoardRules) -> tuple[float, float]:
+    """Percentile bootstrap of the mean over identities (none below two identities)."""
+    if len(values) < 2:
+        return math.nan, math.nan
+    if np.all(values == values[0]):
+        return float(values[0]), float(values[0])
+    result = scipy.stats.bootstrap(
+        (values,),
+        np.mean,
+        confidence_level=rules.confidence,
+        n_resamples=rules.resamples,
+        method="percentile",
+        rng=np.random.default_rng(rules.seed),
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def _backends(metric_rows: pd.DataFrame) -> pd.Series:
+    """Per experiment, which backend measured which metric, as one string: the part of
+    a board's key that keeps different backends' numbers apart."""
+    pairs = metric_rows[["spec_id", "backend", "metric"]].drop_duplicates()
+    return pairs.groupby("spec_id").apply(
+        lambda g: "; ".join(
+            f"{b or '?'}: {', '.join(sorted(ms['metric']))}" for b, ms in g.groupby("backend")
+        ),
+        include_groups=False,
+    )
+
+
+def build_boards(rows: pd.DataFrame, config: BoardsConfig) -> tuple[list[Board], pd.DataFrame]:
+    """The boards of a store's rows, and its failed experiments (spec_id, fields, error).
+    Raises ReportError when no experiment has metric values."""
+    rows = rows.copy()
+    for column in (*BOARD_FIELDS, "defense", "defense_params", "countermeasure", "backend"):
+        rows[column] = rows[column].fillna("").astype(str)
+    agg = rows[rows["image_index"] == AGGREGATE_INDEX]
+    failed = agg[(agg["status"] == ERROR) & (agg["metric"] == "")]
+    failed = failed.drop_duplicates("spec_id")[["spec_id", *BOARD_FIELDS, "defense", "error"]]
+    measured = agg[(agg["metric"] != "") & ~agg["metric"].str.contains(":", regex=False)]
+    if measured.empty:
+        if failed.empty:
+            raise ReportError("the store holds no results yet; run a campaign first")
+        raise ReportError(
+            f"no experiment in the store finished: {len(failed)} failed "
+            f"(first error: {failed['error'].iloc[0]})"
+        )
+    measured = measured.join(_backends(measured).rename("backends"), on="spec_id")
+    boards = []
+    for values, group in measured.groupby([*BOARD_FIELDS, "backends"], sort=True):
+        key = dict(zip([*BOARD_FIELDS, "backends"], values, strict=True))
+        same = np.logical_and.reduce([failed[f] == key[f] for f in BOARD_FIELDS])
+        boards.append(_board(key, group, failed[same], config.rules_for(key)))
+    return boards, failed.reset_index(drop=True)
+
+
+def _board(
+    key: dict[str, str], rows: pd.DataFrame, failed: pd.DataFrame, rules: BoardRules
+) -> Board:
+    labels = _config_labels(rows)
+    rows = rows.assign(
+        config=[
+            labels[(d, p)] for d, p in zip(rows["defense"], rows["defense_params"], strict=True)
+        ]
+    )
+    ok = rows[rows["status"] == OK]
+    direction = {
+        m: rules.higher_is_better(m, None if g.dropna().empty else bool(g.dropna().iloc[0]))
+        for m, g in rows.groupby("metric")["higher_is_better"]
+    }
+    # one value per identity: seeds averaged first, so no identity weighs more than another
+    per_identity = ok.groupby(["config", "countermeasure", "identity", "metric"])["value"].mean()
+    have_values = set(per_identity.dropna().index.get_level_values("metric"))
+    primary = next((m for m in rules.primary if m in have_values), None)
+    visibility = [m for m in rules.visibility if m in direction]
+    others = sorted(m for m in direction if m != primary and m not in visibility)
+    metrics = [*([primary] if primary else []), *others, *visibility]
+
+    configs = rows.drop_duplicates("config").set_index("config")[["defense", "defense_params"]]
+    plain = (
+        per_identity.xs(NO_COUNTERMEASURE, level="countermeasure", drop_level=True)
+        if (NO_COUNTERMEASURE in per_identity.index.get_level_values("countermeasure"))
+        else per_identity.iloc[:0].droplevel("countermeasure")
+    )
+    table = configs.copy()
+    table["identities"] = (
+        ok.groupby("config")["identity"].nunique().reindex(table.index).fillna(0).astype(int)
+    )
+    for metric in metrics:
+        means, lows, highs = [], [], []
+        for config in table.index:
+            try:
+                values = plain.xs((config, metric), level=("config", "metric")).dropna().to_numpy()
+            except KeyError:
+                values = np.array([])
+            low, high = _interval(values, rules)
+            means.append(values.mean() if len(values) else math.nan)
+            lows.append(low)
+            highs.append(high)
+        table[f"{metric}_mean"], table[f"{metric}_ci_low"], table[f"{metric}_ci_high"] = (
+            means,
+            lows,
+            highs,
+        )
+
+    by_cm = pd.DataFrame(columns=["config", "countermeasure", "value"])
+    identities = pd.DataFrame(columns=["config", "identity", "value"])
+    higher = direction.get(primary) if primary else None
+    if primary:
+        prim = per_identity.xs(primary, level="metric")
+        by_cm = prim.groupby(["config", "countermeasure"]).mean().rename("value").reset_index()
+        worst = by_cm.dropna(subset=["value"]).sort_values("value", ascending=bool(higher))
+        worst = worst.drop_duplicates("config").set_index("config")
+        table[f"worst_{primary}"] = worst["value"].reindex(table.index)
+        table[f"worst_{primary}_countermeasure"] = worst["countermeasure"].reindex(table.index)
+        order = table[f"worst_{primary}"]
+        table["rank"] = order.rank(ascending=not higher, method="min")
+        table = table.sort_values("rank", na_position="last", kind="stable")
+        if NO_COUNTERMEASURE in prim.index.get_level_values("countermeasure"):
+            identities = (
+                prim.xs(NO_COUNTERMEASURE, level="countermeasure").rename("value").reset_index()
+            )
+    else:
+        table["rank"] = math.nan
+    table = table.reset_index()
+    table.insert(0, "rank", table.pop("rank").astype("Float64"))
+
+    board = Board(
+        key, rules, primary, higher, metrics, visibility, table, by_cm, identities, direction
+    )
+    _check_baseline(board, table, direction)
+    _count(board, rows, failed)
+    return board
+
+
+def _check_baseline(board: Board, table: pd.DataFrame, direction: dict[str, bool | None]) -> None:
+    """RobustBench's sanity check: if the undefended baseline shows that the attack did
+    not learn the person, no defense on the board can be credited."""
+    rules = board.rules
+    baseline = table[table["defense"] == rules.baseline]
+    if baseline.empty:
+        board.baseline = "missing"
+        board.flags.append(
+            f"unchecked: no undefended baseline ({rules.baseline!r}) on this board, so "
+            "nothing shows that the attack works"
+        )
+        return
+    board.baseline = "works"
+    for metric, bound in rules.attack_failed.items():
+        column = f"{metric}_mean"
+        if column not in baseline or baseline[column].isna().all():
+            continue
+        value = float(baseline[column].mean())
+        ((side, threshold),) = bound.items()
+        if (side == "below" and value < threshold) or (side == "above" and value > threshold):
+            board.baseline = "failed"
+            board.flags.append(
+                f"unreliable: the undefended baseline's {metric.upper()} is {value:.3f} "
+                f"({side} {threshold:g}), so the attack did not learn the person"
+            )
+
+
+def _count(board: Board, rows: pd.DataFrame, failed: pd.DataFrame) -> None:
+    bad = rows[rows["status"] != OK]
+    board.counts = {
+        "experiments": int(rows["spec_id"].nunique()),
+        "failed experiments": len(failed),
+        "unavailable values": int((bad["status"] == UNAVAILABLE).sum()),
+        "failed values": int((bad["status"] == ERROR).sum()),
+    }
+    board.problems = (
+        bad.groupby(["metric", "status"])
+        .agg(n=("spec_id", "nunique"), reason=("error", "first"))
+        .reset_index()
+    )
+    if len(failed):
+        board.flags.append(
+            f"{len(failed)} experiment(s) under this attack and protocol failed before any "
+            "metric (so with no backend recorded); see below"
+        )

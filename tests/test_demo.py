@@ -84,6 +84,10 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert store.finished_ids() == set(campaign.spec_ids)
     for defense in ("none", "aspl", "cap-aspl"):
         assert f"\n{defense:>8} " in printed.out  # its line in the summary table
+    # it ends with the leaderboard report, whose path it prints
+    index = out / "report" / "index.html"
+    assert f"report: {index}" in printed.out and index.is_file()
+    assert "unreliable" in index.read_text()  # the tiny model's attack does not learn a face
     # a second run finds everything stored and runs nothing
     assert main(["demo", "--out", str(out), "--no-progress"]) == 0
     assert f"{len(campaign.specs)} already in" in capsys.readouterr().err

@@ -112,7 +112,11 @@ def demo(out: str, options: RunOptions) -> CampaignReport:
     store = ResultStore(out)
     report = run(campaign, store, options)
     print_report(report, store, campaign)
-    print(f"\nrows: {store.uri} (one Parquet file per experiment)\n{DEMO_NOTE}")
+    from antipers.report import write_report
+
+    leaderboard = write_report(store.uri, Path(store.root) / "report")
+    print(f"\nrows: {store.uri} (one Parquet file per experiment)\n{leaderboard.summary()}")
+    print(DEMO_NOTE)
     return report
 
 
