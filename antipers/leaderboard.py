@@ -66,6 +66,7 @@ def missing_metrics(rows: pd.DataFrame) -> pd.DataFrame:
 
 BOARD_FIELDS = ("track", "dataset", "base_model", "attack", "attack_params", "protocol")
 NO_COUNTERMEASURE = "none"
+PROTECTED = "protected"
 
 
 class ReportError(ValueError):
@@ -166,6 +167,21 @@ def _backends(metric_rows: pd.DataFrame) -> pd.Series:
     )
 
 
+def _by_subject(measured: pd.DataFrame) -> pd.DataFrame:
+    """Model-track rows about someone else than the protected person (an unprotected
+    person, generic images) become their own columns, ``ism (unprotected)``, counted
+    for the experiment's protected identity: utility, never averaged with privacy."""
+    subject = measured["subject"].fillna(PROTECTED).replace("", PROTECTED)
+    other = subject != PROTECTED
+    if not other.any():
+        return measured
+    measured = measured.copy()
+    measured.loc[other, "metric"] = measured.loc[other, "metric"] + " (" + subject[other] + ")"
+    own = measured.loc[~other].groupby("spec_id")["identity"].first()
+    measured["identity"] = measured["spec_id"].map(own).fillna(measured["identity"])
+    return measured
+
+
 def build_boards(rows: pd.DataFrame, config: BoardsConfig) -> tuple[list[Board], pd.DataFrame]:
     """The boards of a store's rows, and its failed experiments (spec_id, fields, error).
     Raises ReportError when no experiment has metric values."""
@@ -183,6 +199,7 @@ def build_boards(rows: pd.DataFrame, config: BoardsConfig) -> tuple[list[Board],
             f"no experiment in the store finished: {len(failed)} failed "
             f"(first error: {failed['error'].iloc[0]})"
         )
+    measured = _by_subject(measured)
     measured = measured.join(_backends(measured).rename("backends"), on="spec_id")
     boards = []
     for values, group in measured.groupby([*BOARD_FIELDS, "backends"], sort=True):

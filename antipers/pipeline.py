@@ -9,6 +9,7 @@ keeps base models, datasets and face backends resident between experiments.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -42,6 +43,9 @@ from antipers.spec import ComponentSpec, ExperimentSpec, canonical_json
 
 log = logging.getLogger(__name__)
 STAGES = ("load", "protect", "countermeasure", "personalize", "sample", "score")
+# whose number a row is (the ``subject`` column): the protected person; on the model
+# track also a person who was not protected, and generic images (the model's utility)
+PROTECTED, UNPROTECTED, GENERIC = "protected", "unprotected", "generic"
 
 
 @dataclass
@@ -83,11 +87,14 @@ class RunContext:
 
     def identity(self, spec: ExperimentSpec) -> Any:
         """The spec's photos; the last few stay cached, since every stage reads them."""
-        key = (spec.dataset, spec.identity, spec.resolution)
+        return self.person(spec.dataset, spec.identity, spec.resolution)
+
+    def person(self, dataset: ComponentSpec, identity: str, resolution: int) -> Any:
+        key = (dataset, identity, resolution)
         if key not in self._identities:
             while len(self._identities) >= 4:
                 self._identities.pop(next(iter(self._identities)))
-            self._identities[key] = self.dataset(spec.dataset).load(spec.identity, spec.resolution)
+            self._identities[key] = self.dataset(dataset).load(identity, resolution)
         return self._identities[key]
 
     def metric(self, spec: ComponentSpec) -> Any:
@@ -130,6 +137,7 @@ def _base_row(spec: ExperimentSpec, started: datetime) -> dict[str, Any]:
         "attack": spec.attack.name,
         "attack_params": spec.attack.params_json(),
         "seed": spec.seed,
+        "subject": PROTECTED,
         "started_at": started,
         "antipers_version": __version__,
         "schema_version": SCHEMA_VERSION,
@@ -139,6 +147,17 @@ def _base_row(spec: ExperimentSpec, started: datetime) -> dict[str, Any]:
 
 
 ProgressFn = Callable[[str], None]
+
+
+@dataclass
+class Bystander:
+    """The model track's second person, not protected: the same attack on the same
+    (defended) model with their photos must still work."""
+
+    identity: str
+    generated: torch.Tensor
+    prompts: list[str]
+    results: list[MetricResult] = field(default_factory=list)
 
 
 @dataclass
@@ -154,6 +173,10 @@ class Handoff:
     generated: torch.Tensor | None = None
     prompts: list[str] = field(default_factory=list)
     results: list[MetricResult] = field(default_factory=list)
+    bystander: Bystander | None = None  # model track
+    utility: list[MetricResult] = field(default_factory=list)  # model track: generic images
+    # model track, when CLIP-T or FID is scored: generations, their prompts, references
+    generic: tuple[torch.Tensor, list[str], torch.Tensor] | None = None
     seconds: float = 0.0
     workers: list[str] = field(default_factory=list)
 
@@ -164,6 +187,8 @@ class Handoff:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.cpu())
+        if self.bystander is not None:
+            self.bystander.generated = self.bystander.generated.cpu()
         for name in ("model", "personalized"):
             value = getattr(self, name)
             if value is not None:
@@ -223,21 +248,52 @@ def attack_stage(
         for cspec in spec.countermeasure:
             train_images = cspec.build(COUNTERMEASURES).apply(train_images, env)
             check_images(train_images, f"countermeasure {cspec.name!r} output")
+        attack = spec.attack.build(ATTACKS)
+        sampler = spec.sampling.build(SAMPLERS)
+        model = bundle if handoff.model is None else handoff.model.to(ctx.device)
         personalized = handoff.personalized
         if personalized is not None:
             personalized.to(ctx.device)
         else:
             say("personalize")
-            model = bundle if handoff.model is None else handoff.model.to(ctx.device)
-            personalized = spec.attack.build(ATTACKS).personalize(
-                train_images, model, _rng(spec.seed, "personalize")
-            )
+            personalized = attack.personalize(train_images, model, _rng(spec.seed, "personalize"))
         say("sample")
-        sampler = spec.sampling.build(SAMPLERS)
         handoff.generated = sampler.sample(personalized, spec.resolution, _rng(spec.seed, "sample"))
         handoff.prompts = sampler.image_prompts()
+        if spec.track == "model":
+            _model_track(spec, ctx, handoff, model, attack, sampler, say)
         handoff.model = handoff.personalized = None
     return handoff
+
+
+def _model_track(
+    spec: ExperimentSpec,
+    ctx: RunContext,
+    handoff: Handoff,
+    model: DiffusionBundle,
+    attack: Any,
+    sampler: Any,
+    say: ProgressFn,
+) -> None:
+    """The same attack for a person who was not protected, and the defended model's
+    generic utility (held-out images; generations on ordinary prompts if scored)."""
+    from antipers import model_track
+
+    base = ctx.base_model(spec.base_model)
+    other = model_track.bystander_of(spec, ctx.dataset(spec.dataset).identities())
+    say(f"personalize bystander {other}")
+    photos = ctx.person(spec.dataset, other, spec.resolution).set_B.to(ctx.device)
+    theirs = attack.personalize(photos, model, _rng(spec.seed, "personalize"))
+    generated = sampler.sample(theirs, spec.resolution, _rng(spec.seed, "sample"))
+    handoff.bystander = Bystander(other, generated, list(sampler.image_prompts()))
+    held_out = model_track.held_out_images(base, attack, spec.resolution)
+    handoff.utility = [model_track.generic_loss(model, base, held_out)]
+    if any(m.name in model_track.PROMPT_SET_METRICS for m in spec.metrics):
+        say("sample generic prompts")
+        images, prompts = model_track.generic_generations(
+            model, sampler, spec.resolution, _rng(spec.seed, "sample")
+        )
+        handoff.generic = (images.cpu(), list(prompts), held_out.cpu())
 
 
 def score_stage(
@@ -260,13 +316,53 @@ def score_stage(
             gallery=ctx.gallery(spec.dataset, spec.resolution) if needs_gallery else None,
         )
         handoff.results = [evaluate(m, inputs) for m in metrics]
+        if handoff.bystander is not None:
+            other = ctx.person(spec.dataset, handoff.bystander.identity, spec.resolution)
+            inputs = ScoreInputs(
+                generated=handoff.bystander.generated,
+                references=other.set_A,
+                identity=handoff.bystander.identity,
+                prompts=handoff.bystander.prompts,
+                protected=other.set_B,
+                clean=other.set_B,
+                gallery=inputs.gallery,
+            )
+            handoff.bystander.results = [evaluate(m, inputs) for m in metrics]
+        if handoff.generic is not None:
+            from antipers.model_track import PROMPT_SET_METRICS
+
+            generated, prompts, references = handoff.generic
+            generic = ScoreInputs(
+                generated=generated,
+                references=references,
+                identity="",
+                prompts=tuple(prompts),
+                protected=references,
+                clean=references,
+            )
+            handoff.utility += [
+                evaluate(ctx.metric(m), generic)
+                for m in spec.metrics
+                if m.name in PROMPT_SET_METRICS
+            ]
     return handoff
 
 
 def experiment_rows(spec: ExperimentSpec, handoff: Handoff) -> list[dict[str, Any]]:
     """The rows of a scored handoff."""
     base = {**_base_row(spec, handoff.started), "worker": handoff.worker()}
-    return metric_rows(base, handoff.results, handoff.seconds)
+    rows = metric_rows(base, handoff.results, handoff.seconds)
+    if handoff.bystander is not None:
+        # their numbers are utility: better for the defense where the attack still works
+        other = {**base, "identity": handoff.bystander.identity, "subject": UNPROTECTED}
+        flipped = [
+            dataclasses.replace(r, higher_is_better=not r.higher_is_better)
+            for r in handoff.bystander.results
+        ]
+        rows += metric_rows(other, flipped, handoff.seconds)
+    if handoff.utility:
+        rows += metric_rows({**base, "subject": GENERIC}, handoff.utility, handoff.seconds)
+    return rows
 
 
 def error_rows(

@@ -257,6 +257,7 @@ for _name, _target in [
     ("cap-aspl", "antipers.defenses.cap:CAPASPL"),
     ("cap-simac", "antipers.defenses.cap:CAPSimAC"),
     ("cap-fsmg", "antipers.defenses.cap:CAPFSMG"),
+    ("apdm", "antipers.defenses.apdm:APDM"),
 ]:
     DEFENSES.register(_name, _target)
 for _name, _target in [

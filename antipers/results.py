@@ -23,7 +23,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 2  # 2: `worker` (where the rows were computed)
+SCHEMA_VERSION = 3  # 2: `worker` (where the rows were computed); 3: `subject`
 AGGREGATE_INDEX = -1
 OK, ERROR = "ok", "error"
 
@@ -49,6 +49,7 @@ SCHEMA = pa.schema(
         ("backend", pa.string()),
         ("image_index", pa.int32()),
         ("seed", pa.int64()),
+        ("subject", pa.string()),  # protected | unprotected | generic (null before v3)
         ("status", pa.string()),
         ("error", pa.string()),
         ("started_at", pa.timestamp("us", tz="UTC")),

@@ -149,6 +149,7 @@ def run_score(job: ScoreJob) -> list[dict[str, Any]]:
         "attack": "",
         "attack_params": "{}",
         "seed": 0,
+        "subject": "protected",
         "started_at": started,
         "antipers_version": __version__,
         "schema_version": SCHEMA_VERSION,

@@ -1,14 +1,17 @@
-"""Time and peak memory per identity of each image defense, and ASPL's memory against
-the reference code's deep-copy-per-iteration scheme, measured in the same run.
+"""Time and peak memory per identity of each defense (image track, and APDM on the
+model track), and ASPL's memory against the reference code's deep-copy-per-iteration
+scheme, measured in the same run.
 
 Each defense runs in its own child process (its peak memory is its own) on one
 synthetic identity (4 photos), with a few iterations; the time per iteration (median)
 is extrapolated to the protocol's counts (ASPL family: 50 iterations; FSMG family:
-1000 fine-tuning + 100 PGD steps). ``aspl-deepcopy`` is ASPL as the reference code
+1000 fine-tuning + 100 PGD steps; APDM: 800 iterations of 20 inner steps, on 4 paired
+images made with 2 sampler steps). ``aspl-deepcopy`` is ASPL as the reference code
 runs it: a fresh deep copy of the UNet and text encoder every iteration.
 
     python benchmarks/defenses.py                                 # tiny at 64 px
     python benchmarks/defenses.py --models sd21-arch --resolution 512 --iterations 2
+    python benchmarks/defenses.py --models tiny sd15-arch --defenses apdm
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from antipers.registry import BASE_MODELS, DEFENSES
 
 ITERATIVE = ("aspl", "simac", "cap-aspl", "cap-simac", "aspl-deepcopy")
 ONE_SHOT = ("fsmg", "cap-fsmg")
+MODEL_TRACK = ("apdm",)
 PROTOCOL_ITERATIONS, PROTOCOL_FINETUNE, PROTOCOL_PGD = 50, 1000, 100
+PROTOCOL_APDM = 800
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,9 @@ def run_one(model: str, name: str, resolution: int, iterations: int) -> dict:
         defense = DeepCopyASPL(iterations=iterations)
     elif name in ONE_SHOT:
         defense = DEFENSES.build(name, {"finetune_steps": iterations, "pgd_steps": iterations})
+    elif name == "apdm":  # the protocol's 20 inner steps; few paired images, cheaply made
+        settings = {"iterations": iterations, "num_class_images": 4, "class_steps": 2}
+        defense = DEFENSES.build(name, settings)
     else:
         defense = DEFENSES.build(name, {"iterations": iterations})
     stamps = Stamps()
@@ -114,7 +122,7 @@ def run_one(model: str, name: str, resolution: int, iterations: int) -> dict:
         protocol = finetune / iterations * PROTOCOL_FINETUNE + pgd / iterations * PROTOCOL_PGD
     else:
         per = statistics.median(b - a for a, b in zip(marks, marks[1:], strict=False))
-        protocol = per * PROTOCOL_ITERATIONS
+        protocol = per * (PROTOCOL_APDM if name in MODEL_TRACK else PROTOCOL_ITERATIONS)
     return {
         "device": str(device),
         "total_s": total,
@@ -129,7 +137,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--models", nargs="+", default=["tiny"])
-    parser.add_argument("--defenses", nargs="+", default=[*ITERATIVE, *ONE_SHOT])
+    parser.add_argument("--defenses", nargs="+", default=[*ITERATIVE, *ONE_SHOT, *MODEL_TRACK])
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "DEFENSE"), help=argparse.SUPPRESS)

@@ -49,6 +49,7 @@ def experiment(
         "attack": attack,
         "attack_params": "{}",
         "seed": seed,
+        "subject": "protected",
         "started_at": datetime(2026, 1, 1, tzinfo=UTC),
         "duration_s": 1.0,
         "worker": "w",
@@ -304,3 +305,23 @@ def test_a_board_without_baseline_says_it_is_unchecked(store):
     (board,), _ = build_boards(rows[rows["defense"] != "none"], load_boards())
     assert board.baseline == "missing" and board.reliable
     assert any(f.startswith("unchecked") for f in board.flags)
+
+
+def test_model_track_subjects_become_utility_columns(tmp_path):
+    """A bystander's ISM (utility: higher is better) and the generic-image loss get
+    their own columns, counted for the protected identity, never mixed with privacy."""
+    store = ResultStore(str(tmp_path))
+    for defense, protected_ism, bystander_ism in (("none", 0.6, 0.6), ("apdm", 0.2, 0.55)):
+        for i in range(3):
+            rows = experiment(defense, {}, f"id-{i}", "none", 0, {"ism": protected_ism + 0.01 * i})
+            byst = experiment(defense, {}, f"id-{i}", "none", 0, {"ism": bystander_ism})
+            for row in byst:
+                row.update(subject="unprotected", identity="id-9", higher_is_better=True)
+            store.write(rows + [{**r, "spec_id": rows[0]["spec_id"]} for r in byst])
+    (board,), _ = build_boards(store.load(), load_boards())
+    table = board.table.set_index("config")
+    assert board.primary == "ism" and "ism (unprotected)" in board.metrics
+    assert table.loc["apdm", "ism_mean"] == pytest.approx(0.21)
+    assert table.loc["apdm", "ism (unprotected)_mean"] == pytest.approx(0.55)
+    assert (table["identities"] == 3).all()  # the bystander is not a fourth identity
+    assert board.directions["ism (unprotected)"] is True

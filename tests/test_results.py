@@ -36,6 +36,7 @@ def make_rows(spec_id: str, n: int = 3, status: str = "ok") -> list[dict]:
             "backend": "b",
             "image_index": i,
             "seed": 0,
+            "subject": "protected",
             "status": status,
             "error": "boom" if status == "error" else None,
             "started_at": datetime.now(UTC),
@@ -141,3 +142,17 @@ def test_a_metric_error_does_not_fail_the_experiment(tmp_path):
     rows[1]["status"], rows[1]["error"] = "error", "ValueError: no face"
     store.write(rows)
     assert store.finished_ids() == {"m"}
+
+
+def test_a_store_written_before_the_subject_column_still_loads(tmp_path):
+    """Schema version 2 files (no ``subject``) load beside new ones, as null."""
+    from antipers.results import rows_to_table
+
+    store = ResultStore(str(tmp_path))
+    store.write(make_rows("new"))
+    old = rows_to_table(make_rows("old")).drop_columns(["subject"])
+    pq.write_table(old, tmp_path / "old.parquet")
+    rows = store.load()
+    assert set(rows["spec_id"]) == {"new", "old"}
+    assert rows.loc[rows["spec_id"] == "old", "subject"].isna().all()
+    assert (rows.loc[rows["spec_id"] == "new", "subject"] == "protected").all()

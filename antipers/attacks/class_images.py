@@ -47,6 +47,44 @@ class ClassImageKey:
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
+def key_for(
+    bundle: DiffusionBundle, prompt: str, count: int, resolution: int, seed: int, steps: int
+) -> ClassImageKey:
+    """The key of generic images this base model makes for ``prompt`` (DDIM, guidance
+    7.5): the attacker's class images, APDM's paired images, held-out generic images."""
+    return ClassImageKey(
+        model=bundle.fingerprint or bundle.name,
+        prompt=prompt,
+        count=count,
+        resolution=resolution,
+        seed=seed,
+        steps=steps,
+        guidance=7.5,
+        scheduler="ddim",
+    )
+
+
+@dataclass(frozen=True)
+class ClassImageSettings:
+    """The generic images a component asks the base model for (cached by key)."""
+
+    class_prompt: str = "a photo of person"
+    num_class_images: int = 200
+    class_seed: int = 0
+    class_steps: int = 50
+
+    def generic_images(self, bundle: DiffusionBundle, resolution: int) -> torch.Tensor:
+        key = key_for(
+            bundle,
+            self.class_prompt,
+            self.num_class_images,
+            resolution,
+            self.class_seed,
+            self.class_steps,
+        )
+        return class_images(bundle, key)[0]
+
+
 def class_images(
     bundle: DiffusionBundle, key: ClassImageKey, root: Path | None = None
 ) -> tuple[torch.Tensor, bool]:

@@ -8,13 +8,13 @@ from dataclasses import dataclass
 
 import torch
 
-from antipers.attacks.class_images import ClassImageKey, class_images
+from antipers.attacks.class_images import ClassImageSettings
 from antipers.attacks.training import LRSchedule, TrainConfig, TrainData, finetune
 from antipers.models.bundle import DiffusionBundle
 
 
 @dataclass(frozen=True)
-class Personalization:
+class Personalization(ClassImageSettings):
     """DreamBooth as Anti-DreamBooth evaluates it (PROTOCOL.md, adb-v1)."""
 
     steps: int = 1000
@@ -25,11 +25,7 @@ class Personalization:
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
     instance_prompt: str = "a photo of sks person"
-    class_prompt: str = "a photo of person"
     prior_weight: float = 1.0
-    num_class_images: int = 200
-    class_seed: int = 0
-    class_steps: int = 50
     train_text_encoder: bool = True
     gradient_checkpointing: bool = False
 
@@ -74,17 +70,7 @@ class Personalization:
     def class_images(self, bundle: DiffusionBundle, resolution: int) -> torch.Tensor | None:
         if self.prior_weight <= 0:
             return None
-        key = ClassImageKey(
-            model=bundle.fingerprint or bundle.name,
-            prompt=self.class_prompt,
-            count=self.num_class_images,
-            resolution=resolution,
-            seed=self.class_seed,
-            steps=self.class_steps,
-            guidance=7.5,
-            scheduler="ddim",
-        )
-        return class_images(bundle, key)[0]
+        return self.generic_images(bundle, resolution)
 
     def personalize(
         self, images: torch.Tensor, bundle: DiffusionBundle, generator: torch.Generator
