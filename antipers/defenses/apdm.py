@@ -226,8 +226,9 @@ class _ProtectionPath:
         return lambda step, loss: self.accumulate(instance, generator)
 
     def gradients(self) -> list[torch.Tensor]:
-        """The mean over the trajectory: what the protected weights receive."""
-        return [acc / len(self.losses) for acc in self.accumulated]
+        """The mean over the trajectory: what the protected weights receive (in place:
+        on an SD-class UNet every extra copy of the weights is gigabytes)."""
+        return [acc.div_(len(self.losses)) for acc in self.accumulated]
 
     @torch.no_grad()
     def drift(self, params: list[torch.nn.Parameter]) -> float:
