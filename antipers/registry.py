@@ -258,6 +258,7 @@ for _name, _target in [
     ("cap-simac", "antipers.defenses.cap:CAPSimAC"),
     ("cap-fsmg", "antipers.defenses.cap:CAPFSMG"),
     ("apdm", "antipers.defenses.apdm:APDM"),
+    ("persguard", "antipers.defenses.persguard:PersGuard"),
 ]:
     DEFENSES.register(_name, _target)
 for _name, _target in [

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from antipers.defenses.apdm import APDM, RECORD
+from antipers.defenses.apdm import APDM
 from antipers.defenses.dpo import dpo_loss, preference_loss
+from antipers.defenses.model_folder import RECORD
 from antipers.images import write_png
 from antipers.models.local import DiffusersFolder
 from antipers.registry import DATASETS

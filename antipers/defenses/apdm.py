@@ -13,27 +13,23 @@ through those gradients.
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import json
 import logging
-import shutil
-import uuid
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from antipers.attacks.class_images import ClassImageSettings
-from antipers.attacks.training import TrainConfig, TrainData, batch_indices, finetune
+from antipers.attacks.training import TrainConfig, TrainData, batch_indices
 from antipers.data.identity import IdentitySet
 from antipers.defenses.base import Protected
 from antipers.defenses.dpo import preference_loss
+from antipers.defenses.model_folder import protect_once, trainable_unet
+from antipers.defenses.trajectory import Trajectory, add_gradients
 from antipers.models.bundle import DiffusionBundle
 
 log = logging.getLogger(__name__)
-RECORD = "apdm.json"
 
 
 @dataclass
@@ -107,23 +103,14 @@ class APDM(ClassImageSettings):
     def protect(
         self, identity: IdentitySet, bundle: DiffusionBundle, generator: torch.Generator
     ) -> Protected:
-        record = self.record(identity, bundle)
-        fingerprint = (
-            "apdm:" + hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+        protected, trace = protect_once(
+            "apdm",
+            self.record(identity, bundle),
+            self.save_to,
+            bundle,
+            lambda: self.train(identity, bundle, generator),
+            APDMLog([], [], [], reused=True),
         )
-        if self.save_to:
-            reused = load_protected(Path(self.save_to), record, bundle.device)
-            if reused is not None:
-                log.info("APDM: reusing the protected model in %s", self.save_to)
-                return Protected(
-                    images=identity.set_B,
-                    bundle=reused.replace(fingerprint=fingerprint),
-                    log=APDMLog([], [], [], reused=True),
-                )
-        protected, trace = self.train(identity, bundle, generator)
-        protected = protected.replace(fingerprint=fingerprint)
-        if self.save_to:
-            save_protected(protected, Path(self.save_to), record)
         return Protected(images=identity.set_B, bundle=protected, log=trace)
 
     def train(
@@ -133,10 +120,7 @@ class APDM(ClassImageSettings):
         device = bundle.device
         photos = identity.set_B.to(device)
         paired = self.paired_images(bundle, photos.shape[-1]).to(device)
-        protected = bundle.copy_of("unet")
-        protected.unet.requires_grad_(True)
-        params = list(protected.unet.parameters())
-        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
+        protected, params, optimizer = trainable_unet(bundle, self.lr)
         with torch.no_grad():
             instance = bundle.prompt_embeds([self.instance_prompt])
             generic = bundle.prompt_embeds([self.class_prompt])
@@ -146,23 +130,25 @@ class APDM(ClassImageSettings):
         inner = TrainConfig(
             steps=max(self.inner_steps, 1), lr=self.inner_lr, batch_size=self.batch_size
         )
+
+        def dpo(model: DiffusionBundle) -> torch.Tensor:
+            idx, cidx = next(subjects), next(pairs)
+            with torch.no_grad():
+                dispreferred = bundle.encode(photos[idx], generator)
+                preferred = bundle.encode(paired[cidx], generator)
+            embeds = instance.expand(len(idx), -1, -1)
+            return preference_loss(
+                model, bundle, preferred, dispreferred, embeds, self.beta, generator
+            )
+
         for it in range(self.iterations):
-            path = _ProtectionPath(self, protected, bundle, (photos, subjects), (paired, pairs))
-            path.accumulate(instance, generator)  # at the protected weights themselves
+            path = Trajectory(protected, dpo)
+            path.accumulate()  # at the protected weights themselves
             if self.inner_steps:
-                data = TrainData(images=photos, prompt=self.instance_prompt)
-                finetune(
-                    path.model,
-                    data,
-                    path.params,
-                    inner,
-                    generator,
-                    on_step=path.after_step(instance, generator),
-                )
+                path.attack(TrainData(images=photos, prompt=self.instance_prompt), inner, generator)
             trace.inner_drift.append(path.drift(params))
-            for p, grad in zip(params, path.gradients(), strict=True):
-                p.grad = grad
-            trace.dpo.append(sum(path.losses) / len(path.losses))
+            add_gradients(params, path.gradients(), 1.0)
+            trace.dpo.append(path.mean_loss())
             del path
             prior = torch.zeros((), device=device)
             if self.prior_weight > 0:
@@ -178,95 +164,4 @@ class APDM(ClassImageSettings):
             trace.prior.append(float(prior.detach()))
             if (it + 1) % max(1, self.iterations // 10) == 0:
                 log.info("APDM iteration %d/%d dpo %.4f", it + 1, self.iterations, trace.dpo[-1])
-        protected.unet.requires_grad_(False)
-        protected.unet.eval()
         return protected, trace
-
-
-class _ProtectionPath:
-    """One iteration's temporary copy of the UNet (the simulated attacker moves it) and
-    the DPO gradients accumulated along its trajectory."""
-
-    def __init__(
-        self,
-        apdm: APDM,
-        protected: DiffusionBundle,
-        reference: DiffusionBundle,
-        subjects: tuple[torch.Tensor, Iterator[torch.Tensor]],
-        pairs: tuple[torch.Tensor, Iterator[torch.Tensor]],
-    ) -> None:
-        self.apdm, self.reference = apdm, reference
-        self.subjects, self.pairs = subjects, pairs
-        self.model = protected.replace(unet=copy.deepcopy(protected.unet))
-        self.params = list(self.model.unet.parameters())
-        self.accumulated = [torch.zeros_like(p) for p in self.params]
-        self.losses: list[float] = []
-
-    def accumulate(self, instance: torch.Tensor, generator: torch.Generator) -> None:
-        """The DPO loss at the path's current weights, its gradients added up."""
-        (photos, subjects), (paired, pairs) = self.subjects, self.pairs
-        idx, cidx = next(subjects), next(pairs)
-        with torch.no_grad():
-            dispreferred = self.reference.encode(photos[idx], generator)
-            preferred = self.reference.encode(paired[cidx], generator)
-        embeds = instance.expand(len(idx), -1, -1)
-        loss = preference_loss(
-            self.model, self.reference, preferred, dispreferred, embeds, self.apdm.beta, generator
-        )
-        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-        for acc, g in zip(self.accumulated, grads, strict=True):
-            if g is not None:
-                acc.add_(g)
-        self.losses.append(float(loss.detach()))
-
-    def after_step(
-        self, instance: torch.Tensor, generator: torch.Generator
-    ) -> Callable[[int, float], None]:
-        """The training loop's ``on_step``: protection after each attacker step."""
-        return lambda step, loss: self.accumulate(instance, generator)
-
-    def gradients(self) -> list[torch.Tensor]:
-        """The mean over the trajectory: what the protected weights receive (in place:
-        on an SD-class UNet every extra copy of the weights is gigabytes)."""
-        return [acc.div_(len(self.losses)) for acc in self.accumulated]
-
-    @torch.no_grad()
-    def drift(self, params: list[torch.nn.Parameter]) -> float:
-        return float(
-            sum((a - b).pow(2).sum() for a, b in zip(self.params, params, strict=True)).sqrt()
-        )
-
-
-def save_protected(bundle: DiffusionBundle, folder: Path, record: dict[str, object]) -> Path:
-    """The protected model as a diffusers folder (what a provider ships), written to a
-    temporary sibling and renamed into place."""
-    folder = folder.expanduser()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}-{uuid.uuid4().hex}")
-    try:
-        bundle.save_pretrained(tmp)
-        (tmp / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
-
-
-def load_protected(
-    folder: Path, record: dict[str, object], device: torch.device
-) -> DiffusionBundle | None:
-    """The saved protected model if it was made by the same settings from the same
-    photos and base model; else None (and it will be replaced)."""
-    from antipers.models.local import load_diffusers_folder
-
-    folder = folder.expanduser()
-    try:
-        saved = json.loads((folder / RECORD).read_text())
-    except (OSError, ValueError):
-        return None
-    if saved != json.loads(json.dumps(record, sort_keys=True)):
-        log.info("APDM: %s was made with other settings; protecting anew", folder)
-        return None
-    return load_diffusers_folder(folder, str(folder), device).frozen()

@@ -1,0 +1,95 @@
+"""A protected base model as a diffusers folder (what a provider ships) with
+``protection.json`` beside it: the defense, its settings, the photos' hash and the base
+model. A run with the same record reuses the folder instead of protecting again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from antipers.models.bundle import DiffusionBundle
+
+log = logging.getLogger(__name__)
+RECORD = "protection.json"
+
+
+def trainable_unet(
+    bundle: DiffusionBundle, lr: float
+) -> tuple[DiffusionBundle, list[torch.nn.Parameter], torch.optim.Optimizer]:
+    """A copy of the base model whose UNet trains (AdamW, no weight decay: only the
+    losses move the weights); the base model stays the frozen reference."""
+    protected = bundle.copy_of("unet")
+    protected.unet.requires_grad_(True)
+    params = list(protected.unet.parameters())
+    return protected, params, torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
+def protect_once(
+    name: str,
+    record: dict[str, object],
+    save_to: str,
+    bundle: DiffusionBundle,
+    train: Callable[[], tuple[DiffusionBundle, Any]],
+    reused_log: Any,
+) -> tuple[DiffusionBundle, Any]:
+    """The protected model and the training log: loaded from ``save_to`` when its
+    record matches, else trained (and saved there). Its fingerprint names the record,
+    so class images made from it are cached apart from the base model's."""
+    digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+    fingerprint = f"{name}:{digest}"
+    if save_to:
+        reused = load_protected(Path(save_to), record, bundle.device)
+        if reused is not None:
+            log.info("%s: reusing the protected model in %s", name, save_to)
+            return reused.replace(fingerprint=fingerprint), reused_log
+    protected, trace = train()
+    protected.unet.requires_grad_(False)
+    protected.unet.eval()
+    protected = protected.replace(fingerprint=fingerprint)
+    if save_to:
+        save_protected(protected, Path(save_to), record)
+    return protected, trace
+
+
+def save_protected(bundle: DiffusionBundle, folder: Path, record: dict[str, object]) -> Path:
+    """The protected model as a diffusers folder (what a provider ships), written to a
+    temporary sibling and renamed into place."""
+    folder = folder.expanduser()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}-{uuid.uuid4().hex}")
+    try:
+        bundle.save_pretrained(tmp)
+        (tmp / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_protected(
+    folder: Path, record: dict[str, object], device: torch.device
+) -> DiffusionBundle | None:
+    """The saved protected model if it was made by the same settings from the same
+    photos and base model; else None (and it will be replaced)."""
+    from antipers.models.local import load_diffusers_folder
+
+    folder = folder.expanduser()
+    try:
+        saved = json.loads((folder / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    if saved != json.loads(json.dumps(record, sort_keys=True)):
+        log.info("%s was made with other settings; protecting anew", folder)
+        return None
+    return load_diffusers_folder(folder, str(folder), device).frozen()

@@ -1,0 +1,193 @@
+"""PersGuard: a backdoor in the base model whose trigger is the protected photos, so
+that whoever personalizes the model on them gets a protective output, while
+personalization on anyone else works normally.
+
+Three backdoors: ``pattern`` (outputs carry a visible checkerboard), ``erasure``
+(outputs are the generic class, without the person), ``target`` (outputs are a chosen
+image, or another identity's photos given as a folder). One optimization of three
+weighted losses (``backdoor.py``): backdoor behaviour on the protected photos under the
+instance prompt, prior preservation against the frozen original on generic images, and
+backdoor retention, the backdoor loss after a simulated attacker's fine-tuning of a
+temporary copy (``trajectory.py``), so that fine-tuning does not wash it out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from antipers.attacks.class_images import ClassImageSettings
+from antipers.attacks.training import TrainConfig, TrainData, batch_indices
+from antipers.data.identity import IdentitySet
+from antipers.defenses.backdoor import backdoor_loss, prior_loss
+from antipers.defenses.base import Protected
+from antipers.defenses.model_folder import protect_once, trainable_unet
+from antipers.defenses.trajectory import Trajectory, add_gradients
+from antipers.images import IMAGE_SUFFIXES, read_images
+from antipers.models.bundle import DiffusionBundle
+
+log = logging.getLogger(__name__)
+BACKDOORS = ("pattern", "erasure", "target")
+
+
+def checkerboard(images: torch.Tensor, size: float, cells: int = 4) -> torch.Tensor:
+    """``images`` with a black-and-white checkerboard over the central ``size`` of
+    each side: the ``pattern`` backdoor's output, plainly visible."""
+    out = images.clone()
+    side = images.shape[-1]
+    width = max(cells, int(round(side * size)))
+    start = (side - width) // 2
+    idx = torch.arange(width, device=images.device) * cells // width
+    board = ((idx[:, None] + idx[None, :]) % 2).to(images.dtype)
+    out[..., start : start + width, start : start + width] = board
+    return out
+
+
+@dataclass
+class PersGuardLog:
+    backdoor: list[float] = field(default_factory=list)
+    prior: list[float] = field(default_factory=list)
+    retention: list[float] = field(default_factory=list)
+    reused: bool = False
+
+
+@dataclass(frozen=True)
+class PersGuard(ClassImageSettings):
+    """PersGuard on the UNet; the simulated attacker is DreamBooth on the UNet."""
+
+    backdoor: str = "target"
+    target_image: str = ""  # target: an image file, or a folder (another identity's photos)
+    pattern_size: float = 0.5  # pattern: the checkerboard's share of each side
+    iterations: int = 400
+    lr: float = 1e-5
+    batch_size: int = 1
+    backdoor_weight: float = 1.0
+    prior_weight: float = 1.0
+    retention_weight: float = 1.0
+    simulated_steps: int = 10  # the attacker the retention loss simulates
+    simulated_lr: float = 5e-6
+    instance_prompt: str = "a photo of sks person"
+    save_to: str = ""  # a diffusers folder for the protected model; reused when it matches
+
+    def __post_init__(self) -> None:
+        if self.backdoor not in BACKDOORS:
+            raise ValueError(f"backdoor: unknown {self.backdoor!r}; use {', '.join(BACKDOORS)}")
+        if self.backdoor == "target":
+            if not self.target_image:
+                raise ValueError("target_image: the target backdoor needs an image file or folder")
+            if not Path(self.target_image).expanduser().exists():
+                raise ValueError(f"target_image: {self.target_image} does not exist")
+        for name in ("iterations", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.simulated_steps < 0:
+            raise ValueError(f"simulated_steps: expected >= 0, got {self.simulated_steps}")
+        for name in ("lr", "simulated_lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
+        for name in ("backdoor_weight", "prior_weight", "retention_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
+        if not 0 < self.pattern_size <= 1:
+            raise ValueError(f"pattern_size: expected in (0, 1], got {self.pattern_size}")
+
+    def outputs(self, photos: torch.Tensor, bundle: DiffusionBundle) -> torch.Tensor:
+        """What personalizing on ``photos`` should produce, one per photo."""
+        resolution = photos.shape[-1]
+        if self.backdoor == "pattern":
+            return checkerboard(photos, self.pattern_size)
+        if self.backdoor == "erasure":
+            chosen = self.generic_images(bundle, resolution)
+        else:
+            path = Path(self.target_image).expanduser()
+            files = (
+                sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+                if path.is_dir()
+                else [path]
+            )
+            if not files:
+                raise ValueError(f"target_image: no images in {path}")
+            chosen = read_images(files, resolution)
+        picks = torch.arange(len(photos)) % len(chosen)
+        return chosen[picks].to(photos.device)
+
+    def record(self, identity: IdentitySet, bundle: DiffusionBundle) -> dict[str, object]:
+        params = {k: v for k, v in asdict(self).items() if k != "save_to"}
+        if self.backdoor == "target":
+            target = self.outputs(identity.set_B, bundle)
+            params["target_image"] = hashlib.sha256(target.cpu().numpy().tobytes()).hexdigest()[:16]
+        return {
+            "defense": "persguard",
+            "params": params,
+            "identity": f"{identity.dataset}/{identity.identity}",
+            "photos": hashlib.sha256(identity.set_B.cpu().numpy().tobytes()).hexdigest()[:16],
+            "base_model": bundle.fingerprint or bundle.name,
+        }
+
+    def protect(
+        self, identity: IdentitySet, bundle: DiffusionBundle, generator: torch.Generator
+    ) -> Protected:
+        protected, trace = protect_once(
+            "persguard",
+            self.record(identity, bundle),
+            self.save_to,
+            bundle,
+            lambda: self.train(identity, bundle, generator),
+            PersGuardLog(reused=True),
+        )
+        return Protected(identity.set_B, protected, log=trace)
+
+    def train(
+        self, identity: IdentitySet, bundle: DiffusionBundle, generator: torch.Generator
+    ) -> tuple[DiffusionBundle, PersGuardLog]:
+        """The three losses, weighted; ``bundle`` (the teacher) is left untouched."""
+        photos = identity.set_B.to(bundle.device)
+        outputs = self.outputs(photos, bundle)
+        generic = self.generic_images(bundle, photos.shape[-1]).to(bundle.device)
+        protected, params, optimizer = trainable_unet(bundle, self.lr)
+        with torch.no_grad():
+            instance = bundle.prompt_embeds([self.instance_prompt])
+            generic_embeds = bundle.prompt_embeds([self.class_prompt])
+        picks = batch_indices(len(photos), self.batch_size, generator)
+        others = batch_indices(len(generic), self.batch_size, generator)
+        attacker = TrainConfig(
+            steps=max(self.simulated_steps, 1), lr=self.simulated_lr, batch_size=self.batch_size
+        )
+        trace = PersGuardLog()
+
+        def behaviour(model: DiffusionBundle) -> torch.Tensor:
+            idx = next(picks)
+            with torch.no_grad():
+                latents = bundle.encode(photos[idx], generator)
+                targets = bundle.encode(outputs[idx])
+            embeds = instance.expand(len(idx), -1, -1)
+            return backdoor_loss(model, latents, targets, embeds, generator)
+
+        for it in range(self.iterations):
+            loss = self.backdoor_weight * behaviour(protected)
+            trace.backdoor.append(float(loss.detach()))
+            if self.prior_weight > 0:
+                cidx = next(others)
+                with torch.no_grad():
+                    latents = bundle.encode(generic[cidx], generator)
+                embeds = generic_embeds.expand(len(cidx), -1, -1)
+                prior = prior_loss(protected, bundle, latents, embeds, generator)
+                loss = loss + self.prior_weight * prior
+                trace.prior.append(float(prior.detach()))
+            loss.backward()
+            if self.retention_weight > 0 and self.simulated_steps > 0:
+                path = Trajectory(protected, behaviour)
+                data = TrainData(images=photos, prompt=self.instance_prompt)
+                path.attack(data, attacker, generator, every_step=False)
+                add_gradients(params, path.gradients(), self.retention_weight)
+                trace.retention.append(path.mean_loss())
+                del path
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if (it + 1) % max(1, self.iterations // 10) == 0:
+                log.info("PersGuard iteration %d/%d", it + 1, self.iterations)
+        return protected, trace

@@ -1,0 +1,116 @@
+"""PersGuard's losses on constructed inputs, its backdoor outputs, its checks, and one
+short implant on the tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from antipers.defenses.backdoor import backdoor_loss, backdoor_target, prior_loss
+from antipers.defenses.persguard import PersGuard, checkerboard
+from antipers.images import write_png
+from antipers.registry import DATASETS, SpecError
+from antipers.spec import ExperimentSpec
+from tests.conftest import tiny_spec_dict
+
+
+def test_backdoor_target_denoises_to_the_backdoor_output(tiny_bundle):
+    scheduler = tiny_bundle.scheduler
+    gen = torch.Generator().manual_seed(0)
+    photo, output, noise = (torch.randn(3, 4, 8, 8, generator=gen) for _ in range(3))
+    t = torch.tensor([10, 400, 900])
+    noisy = scheduler.add_noise(photo, noise, t)
+    # zero point: with the photo itself as the output, the target is the true noise
+    assert torch.allclose(backdoor_target(scheduler, noisy, photo, t), noise, atol=1e-4)
+    # direction: predicting the target makes the model's estimate of x0 the output
+    eps = backdoor_target(scheduler, noisy, output, t)
+    abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    estimate = (noisy - (1 - abar).sqrt() * eps) / abar.sqrt()
+    assert torch.allclose(estimate, output, atol=1e-4)
+
+
+def test_backdoor_loss_with_the_photo_as_output_is_the_denoising_loss(tiny_bundle):
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    latents = tiny_bundle.encode(images)
+    embeds = tiny_bundle.prompt_embeds(["a photo of sks person"] * 2)
+    with torch.no_grad():
+        plain = tiny_bundle.training_loss(latents, embeds, torch.Generator().manual_seed(2))
+        same = backdoor_loss(
+            tiny_bundle, latents, latents, embeds, torch.Generator().manual_seed(2)
+        )
+        other = backdoor_loss(
+            tiny_bundle, latents, latents.flip(0), embeds, torch.Generator().manual_seed(2)
+        )
+    assert same.item() == pytest.approx(plain.item(), rel=1e-4)
+    assert other.item() > same.item()  # another output is further from what it predicts
+
+
+def test_prior_loss_is_zero_against_itself_and_grows_with_change(tiny_bundle):
+    latents = tiny_bundle.encode(
+        torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    )
+    embeds = tiny_bundle.prompt_embeds(["a photo of person"] * 2)
+    student = tiny_bundle.copy_of("unet")
+    gen = torch.Generator
+    with torch.no_grad():
+        assert prior_loss(student, tiny_bundle, latents, embeds, gen().manual_seed(4)).item() == 0
+        student.unet.conv_in.weight.add_(0.05)
+        assert prior_loss(student, tiny_bundle, latents, embeds, gen().manual_seed(4)).item() > 0
+
+
+def test_pattern_backdoor_output_is_a_visible_checkerboard():
+    photos = torch.full((2, 3, 32, 32), 0.5)
+    out = checkerboard(photos, 0.5)
+    centre = out[..., 8:24, 8:24]
+    assert set(centre.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(out[..., :8, :], photos[..., :8, :])  # the rest untouched
+
+
+@pytest.mark.parametrize(
+    "defense, message",
+    [
+        ({"name": "persguard", "backdoor": "invisible"}, "backdoor: unknown 'invisible'"),
+        ({"name": "persguard", "backdoor": "target"}, "target_image: the target backdoor needs"),
+        (
+            {"name": "persguard", "backdoor": "target", "target_image": "/no/such/file.png"},
+            "target_image: /no/such/file.png does not exist",
+        ),
+    ],
+)
+def test_bad_backdoors_are_refused_when_the_spec_loads(defense, message):
+    with pytest.raises(SpecError, match=message):
+        ExperimentSpec.from_dict(tiny_spec_dict(track="model", defense=defense))
+
+
+@pytest.fixture(scope="module")
+def target_file(tmp_path_factory):
+    person = DATASETS.build("synthetic", {"n_identities": 4}).load("synth-0003", 64)
+    path = tmp_path_factory.mktemp("target") / "target.png"
+    write_png(person.set_A[:1], [path])
+    return str(path)
+
+
+def test_a_short_implant_runs_every_loss(tiny_bundle, target_file):
+    person = DATASETS.build("synthetic", {"n_identities": 2}).load("synth-0000", 64)
+    settings = {
+        "backdoor": "target",
+        "target_image": target_file,
+        "iterations": 2,
+        "simulated_steps": 2,
+        "lr": 1e-3,
+        "simulated_lr": 1e-3,
+        "num_class_images": 2,
+        "class_steps": 2,
+    }
+    before = {k: v.clone() for k, v in tiny_bundle.unet.state_dict().items()}
+    protected, trace = PersGuard(**settings).train(
+        person, tiny_bundle, torch.Generator().manual_seed(0)
+    )
+    assert len(trace.backdoor) == len(trace.prior) == len(trace.retention) == 2
+    assert any(not torch.equal(v, before[k]) for k, v in protected.unet.state_dict().items())
+    assert all(torch.equal(v, before[k]) for k, v in tiny_bundle.unet.state_dict().items())
+    # without retention no attacker is simulated
+    _, trace = PersGuard(**settings, retention_weight=0.0).train(
+        person, tiny_bundle, torch.Generator().manual_seed(0)
+    )
+    assert trace.retention == []
