@@ -175,6 +175,7 @@ class Handoff:
     results: list[MetricResult] = field(default_factory=list)
     bystander: Bystander | None = None  # model track
     utility: list[MetricResult] = field(default_factory=list)  # model track: generic images
+    checks: list[Any] = field(default_factory=list)  # the defense's own measures (backdoors)
     # model track, when CLIP-T or FID is scored: generations, their prompts, references
     generic: tuple[torch.Tensor, list[str], torch.Tensor] | None = None
     seconds: float = 0.0
@@ -229,6 +230,7 @@ def protect_stage(spec: ExperimentSpec, ctx: RunContext, say: ProgressFn) -> Han
         protected=protected.images,
         model=None if protected.bundle is bundle else protected.bundle,
         personalized=protected.personalized,
+        checks=list(protected.checks),
     )
     handoff.seconds = time.perf_counter() - t0
     handoff.workers.append(f"protect@{ctx.name}")
@@ -316,6 +318,8 @@ def score_stage(
             gallery=ctx.gallery(spec.dataset, spec.resolution) if needs_gallery else None,
         )
         handoff.results = [evaluate(m, inputs) for m in metrics]
+        base = ctx.base_model(spec.base_model)
+        handoff.results += [c.score(base, handoff.generated) for c in handoff.checks]
         if handoff.bystander is not None:
             other = ctx.person(spec.dataset, handoff.bystander.identity, spec.resolution)
             inputs = ScoreInputs(
@@ -328,6 +332,9 @@ def score_stage(
                 gallery=inputs.gallery,
             )
             handoff.bystander.results = [evaluate(m, inputs) for m in metrics]
+            handoff.bystander.results += [
+                c.score(base, handoff.bystander.generated) for c in handoff.checks
+            ]
         if handoff.generic is not None:
             from antipers.model_track import PROMPT_SET_METRICS
 

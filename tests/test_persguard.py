@@ -114,3 +114,43 @@ def test_a_short_implant_runs_every_loss(tiny_bundle, target_file):
         person, tiny_bundle, torch.Generator().manual_seed(0)
     )
     assert trace.retention == []
+
+
+def test_backdoor_checks_measure_what_shows(tiny_bundle, target_file):
+    from antipers.defenses.persguard import BackdoorCheck
+
+    photos = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    pattern = BackdoorCheck("pattern", checkerboard(photos[:1], 0.5), 0.5)
+    stamped = pattern.score(tiny_bundle, checkerboard(photos, 0.5))
+    plain = pattern.score(tiny_bundle, photos)
+    assert stamped.metric == "backdoor_pattern" and stamped.aggregate == pytest.approx(1.0)
+    assert abs(plain.aggregate) < 0.2  # random photos do not carry it
+    target = PersGuard(target_image=target_file).outputs(photos[:1], tiny_bundle)
+    check = BackdoorCheck("target", target)
+    distances = check.score(tiny_bundle, torch.cat([target, photos])).values
+    assert distances[0] == pytest.approx(0.0, abs=1e-6) and (distances[1:] > 1e-3).all()
+
+
+def test_model_track_rows_carry_the_backdoor_measure():
+    from antipers.pipeline import RunContext, run_experiment
+
+    defense = {
+        "name": "persguard",
+        "backdoor": "pattern",
+        "iterations": 1,
+        "simulated_steps": 1,
+        "num_class_images": 2,
+        "class_steps": 2,
+    }
+    spec = ExperimentSpec.from_dict(
+        tiny_spec_dict(track="model", defense=defense, metrics=["fdfr"])
+    )
+    rows = run_experiment(spec, RunContext(device=torch.device("cpu")), raise_errors=True)
+    found = {
+        (r["subject"], r["higher_is_better"])
+        for r in rows
+        if r["metric"] == "backdoor_pattern" and r["image_index"] == -1
+    }
+    # on the protected person the backdoor showing is the defense working; on anyone else
+    # it is the defense breaking their personalization
+    assert found == {("protected", True), ("unprotected", False)}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,3 +20,6 @@ class Protected:
     bundle: DiffusionBundle
     personalized: DiffusionBundle | None = None
     log: Any = None  # what the defense wants to report (e.g. CAP's weights); not stored
+    # defense-specific measures of the generated images (``score(bundle, images)`` ->
+    # MetricResult), scored with the metrics: e.g. how much of a backdoor shows
+    checks: list[Any] = field(default_factory=list)

@@ -18,6 +18,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from antipers.attacks.class_images import ClassImageSettings
@@ -28,6 +29,7 @@ from antipers.defenses.base import Protected
 from antipers.defenses.model_folder import protect_once, trainable_unet
 from antipers.defenses.trajectory import Trajectory, add_gradients
 from antipers.images import IMAGE_SUFFIXES, read_images
+from antipers.metrics.base import MetricResult
 from antipers.models.bundle import DiffusionBundle
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,52 @@ def checkerboard(images: torch.Tensor, size: float, cells: int = 4) -> torch.Ten
     board = ((idx[:, None] + idx[None, :]) % 2).to(images.dtype)
     out[..., start : start + width, start : start + width] = board
     return out
+
+
+@dataclass
+class BackdoorCheck:
+    """How much of the backdoor shows in generated images, as a row: the pattern's
+    correlation with the checkerboard region, or the distance to the target in the
+    model's own latent space. (Erasure is what the identity metrics already measure.)"""
+
+    kind: str
+    reference: torch.Tensor  # the checkerboard (pattern) or the target image (target)
+    pattern_size: float = 0.5
+
+    def score(self, bundle: DiffusionBundle, images: torch.Tensor) -> MetricResult:
+        if self.kind == "pattern":
+            board = checkerboard(torch.zeros_like(images[:1]), self.pattern_size)
+            region = checkerboard(torch.full_like(images[:1], -1.0), self.pattern_size) >= 0
+            expected = board[region].float()
+            values = np.array(
+                [_correlation(img[region[0]].float(), expected) for img in images.cpu()]
+            )
+            return MetricResult(
+                "backdoor_pattern",
+                values,
+                float(np.nanmean(values)),
+                "antipers",
+                True,
+                "correlation",
+            )
+        with torch.no_grad():
+            generated = bundle.encode(images.to(bundle.device))
+            target = bundle.encode(self.reference.to(bundle.device)[:1])
+        values = (generated - target).pow(2).mean(dim=(1, 2, 3)).double().cpu().numpy()
+        return MetricResult(
+            "backdoor_target_distance",
+            values,
+            float(values.mean()),
+            "antipers",
+            False,
+            "latent mse",
+        )
+
+
+def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    denominator = float(a.norm() * b.norm())
+    return float((a * b).sum()) / denominator if denominator > 0 else float("nan")
 
 
 @dataclass
@@ -139,7 +187,11 @@ class PersGuard(ClassImageSettings):
             lambda: self.train(identity, bundle, generator),
             PersGuardLog(reused=True),
         )
-        return Protected(identity.set_B, protected, log=trace)
+        checks = []
+        if self.backdoor != "erasure":
+            reference = self.outputs(identity.set_B[:1].to(bundle.device), bundle)
+            checks.append(BackdoorCheck(self.backdoor, reference.cpu(), self.pattern_size))
+        return Protected(identity.set_B, protected, log=trace, checks=checks)
 
     def train(
         self, identity: IdentitySet, bundle: DiffusionBundle, generator: torch.Generator
