@@ -92,6 +92,7 @@ class Board:
     baseline: str = "missing"  # works | failed (the attack did not learn) | missing
     counts: dict[str, int] = field(default_factory=dict)
     problems: pd.DataFrame = field(default_factory=pd.DataFrame)  # metric, status, n, reason
+    failed: pd.DataFrame = field(default_factory=pd.DataFrame)  # its failed experiments
 
     @property
     def reliable(self) -> bool:
@@ -317,6 +318,7 @@ def _check_baseline(board: Board, table: pd.DataFrame, direction: dict[str, bool
 
 def _count(board: Board, rows: pd.DataFrame, failed: pd.DataFrame) -> None:
     bad = rows[rows["status"] != OK]
+    board.failed = failed.reset_index(drop=True)
     board.counts = {
         "experiments": int(rows["spec_id"].nunique()),
         "failed experiments": len(failed),

@@ -51,7 +51,7 @@ class Report:
 
 
 def _number(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)) or pd.isna(value):
+    if value is None or pd.isna(value):
         return DASH
     value = float(value)
     if math.isinf(value):
@@ -205,12 +205,12 @@ def tables(boards: list[Board]) -> dict[str, pd.DataFrame]:
     }
 
 
-def _environment() -> Any:
+def _environment(html: bool) -> Any:
     import jinja2
 
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES),
-        autoescape=jinja2.select_autoescape(["html", "j2"], default_for_string=False),
+        autoescape=html,  # HTML escapes every value; Markdown takes them as they are
         trim_blocks=True,
         lstrip_blocks=True,
         undefined=jinja2.StrictUndefined,
@@ -229,22 +229,17 @@ def render(boards: list[Board], failed: pd.DataFrame, store: str) -> dict[str, s
                 "privacy_plot": privacy_plot(b),
                 "spread_plot": spread_plot(b),
                 "problems": b.problems.to_dict("records"),
-                "failed": failed[
-                    np.logical_and.reduce([failed[f] == b.key[f] for f in BOARD_FIELDS])
-                ].to_dict("records")
-                if len(failed)
-                else [],
+                "failed": b.failed.to_dict("records"),
             }
             for b in boards
         ],
         "failed": failed.to_dict("records"),
     }
-    env = _environment()
-    markdown = _environment()
-    markdown.autoescape = False
     return {
-        "index.html": env.get_template("index.html.j2").render(context),
-        "leaderboard.md": markdown.get_template("leaderboard.md.j2").render(context),
+        "index.html": _environment(html=True).get_template("index.html.j2").render(context),
+        "leaderboard.md": _environment(html=False)
+        .get_template("leaderboard.md.j2")
+        .render(context),
     }
 
 
