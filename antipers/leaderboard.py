@@ -22,6 +22,7 @@ import scipy.stats
 
 from antipers.boards import BoardRules, BoardsConfig
 from antipers.metrics.base import UNAVAILABLE
+from antipers.registry import METRICS
 from antipers.results import AGGREGATE_INDEX, ERROR, OK
 
 
@@ -156,16 +157,27 @@ def _interval(values: np.ndarray, rules: BoardRules) -> tuple[float, float]:
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
-def _backends(metric_rows: pd.DataFrame) -> pd.Series:
-    """Per experiment, which backend measured which metric, as one string: the part of
-    a board's key that keeps different backends' numbers apart."""
-    pairs = metric_rows[["spec_id", "backend", "metric"]].drop_duplicates()
-    return pairs.groupby("spec_id").apply(
-        lambda g: "; ".join(
-            f"{b or '?'}: {', '.join(sorted(ms['metric']))}" for b, ms in g.groupby("backend")
-        ),
-        include_groups=False,
+def _measured_by(pairs: pd.DataFrame) -> str:
+    """``backend: metric, metric; backend: ...`` of (backend, metric) pairs."""
+    pairs = pairs[["backend", "metric"]].drop_duplicates()
+    return "; ".join(
+        f"{b or '?'}: {', '.join(sorted(ms['metric']))}" for b, ms in pairs.groupby("backend")
     )
+
+
+def _backend_split(metric_rows: pd.DataFrame) -> pd.Series:
+    """Per experiment, the backends of the campaign's metrics that more than one backend
+    measured among its peers (same track, dataset, model, attack, protocol): what keeps
+    different backends' numbers apart. A defense's own measures (``decoupled_ism`` under
+    the embedder IDDM optimized against, a backdoor's) are not the campaign's metrics:
+    they split nothing, so the undefended baseline shares the defenses' board."""
+    pairs = metric_rows[["spec_id", *BOARD_FIELDS, "backend", "metric"]].drop_duplicates()
+    campaign_metric = pairs["metric"].str.split(" (", regex=False).str[0].isin(METRICS.names())
+    several = pairs.groupby([*BOARD_FIELDS, "metric"])["backend"].transform("nunique") > 1
+    several &= campaign_metric
+    ids = pairs["spec_id"].drop_duplicates()
+    split = {spec_id: _measured_by(g) for spec_id, g in pairs[several].groupby("spec_id")}
+    return pd.Series([split.get(i, "") for i in ids], index=ids.to_numpy(), dtype=object)
 
 
 def _by_subject(measured: pd.DataFrame) -> pd.DataFrame:
@@ -201,10 +213,11 @@ def build_boards(rows: pd.DataFrame, config: BoardsConfig) -> tuple[list[Board],
             f"(first error: {failed['error'].iloc[0]})"
         )
     measured = _by_subject(measured)
-    measured = measured.join(_backends(measured).rename("backends"), on="spec_id")
+    measured = measured.join(_backend_split(measured).rename("split"), on="spec_id")
     boards = []
-    for values, group in measured.groupby([*BOARD_FIELDS, "backends"], sort=True):
-        key = dict(zip([*BOARD_FIELDS, "backends"], values, strict=True))
+    for values, group in measured.groupby([*BOARD_FIELDS, "split"], sort=True):
+        key = dict(zip(BOARD_FIELDS, values[:-1], strict=True))
+        key["backends"] = _measured_by(group)
         same = np.logical_and.reduce([failed[f] == key[f] for f in BOARD_FIELDS])
         boards.append(_board(key, group, failed[same], config.rules_for(key)))
     return boards, failed.reset_index(drop=True)

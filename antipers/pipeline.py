@@ -28,6 +28,7 @@ from antipers.attacks.countermeasures import AttackEnv
 from antipers.device import pick_device
 from antipers.images import check_images
 from antipers.metrics.base import MetricResult, ScoreInputs, evaluate
+from antipers.metrics.latent import subject_likeness
 from antipers.models.bundle import DiffusionBundle
 from antipers.registry import (
     ATTACKS,
@@ -169,7 +170,7 @@ class Handoff:
     started: datetime
     protected: torch.Tensor
     model: DiffusionBundle | None = None  # the defended base model (model track)
-    personalized: DiffusionBundle | None = None  # set by the defense (immunization track)
+    personalizer: Any = None  # the defense's own personalization (immunization track)
     generated: torch.Tensor | None = None
     prompts: list[str] = field(default_factory=list)
     results: list[MetricResult] = field(default_factory=list)
@@ -190,10 +191,8 @@ class Handoff:
                 setattr(self, name, value.cpu())
         if self.bystander is not None:
             self.bystander.generated = self.bystander.generated.cpu()
-        for name in ("model", "personalized"):
-            value = getattr(self, name)
-            if value is not None:
-                value.to("cpu")
+        if self.model is not None:
+            self.model.to("cpu")
         return self
 
     def worker(self) -> str:
@@ -229,7 +228,7 @@ def protect_stage(spec: ExperimentSpec, ctx: RunContext, say: ProgressFn) -> Han
         started=started,
         protected=protected.images,
         model=None if protected.bundle is bundle else protected.bundle,
-        personalized=protected.personalized,
+        personalizer=protected.personalizer,
         checks=list(protected.checks),
     )
     handoff.seconds = time.perf_counter() - t0
@@ -253,18 +252,20 @@ def attack_stage(
         attack = spec.attack.build(ATTACKS)
         sampler = spec.sampling.build(SAMPLERS)
         model = bundle if handoff.model is None else handoff.model.to(ctx.device)
-        personalized = handoff.personalized
-        if personalized is not None:
-            personalized.to(ctx.device)
+        say("personalize")
+        if handoff.personalizer is not None:
+            personalized, checks = handoff.personalizer.personalize(
+                train_images, model, attack, _rng(spec.seed, "personalize"), ctx.identity(spec)
+            )
+            handoff.checks += checks
         else:
-            say("personalize")
             personalized = attack.personalize(train_images, model, _rng(spec.seed, "personalize"))
         say("sample")
         handoff.generated = sampler.sample(personalized, spec.resolution, _rng(spec.seed, "sample"))
         handoff.prompts = sampler.image_prompts()
         if spec.track == "model":
             _model_track(spec, ctx, handoff, model, attack, sampler, say)
-        handoff.model = handoff.personalized = None
+        handoff.model = None
     return handoff
 
 
@@ -320,6 +321,8 @@ def score_stage(
         handoff.results = [evaluate(m, inputs) for m in metrics]
         base = ctx.base_model(spec.base_model)
         handoff.results += [c.score(base, handoff.generated) for c in handoff.checks]
+        if spec.track == "immunization":  # utility: the avatars still look like the person
+            handoff.results.append(subject_likeness(base, handoff.generated, identity.set_A))
         if handoff.bystander is not None:
             other = ctx.person(spec.dataset, handoff.bystander.identity, spec.resolution)
             inputs = ScoreInputs(

@@ -259,6 +259,7 @@ for _name, _target in [
     ("cap-fsmg", "antipers.defenses.cap:CAPFSMG"),
     ("apdm", "antipers.defenses.apdm:APDM"),
     ("persguard", "antipers.defenses.persguard:PersGuard"),
+    ("iddm", "antipers.defenses.iddm:IDDM"),
 ]:
     DEFENSES.register(_name, _target)
 for _name, _target in [

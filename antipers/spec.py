@@ -119,6 +119,23 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 
+def _check_defense_fits(kwargs: dict[str, Any]) -> None:
+    """A defense runs on the tracks it declares (``TRACKS``; all when it declares none),
+    and may refuse an attack it cannot work with (IDDM: too few steps for its rounds)."""
+    defense = kwargs["defense"].build(DEFENSES)
+    tracks = getattr(defense, "TRACKS", None)
+    if tracks and kwargs["track"] not in tracks:
+        raise SpecError(
+            f"defense {kwargs['defense'].name!r} runs on the {' or '.join(tracks)} track, "
+            f"not {kwargs['track']!r}: set track: {tracks[0]}"
+        )
+    if hasattr(defense, "check_attack"):
+        try:
+            defense.check_attack(kwargs["attack"].build(ATTACKS))
+        except ValueError as exc:
+            raise SpecError(f"defense {kwargs['defense'].name!r}: {exc}") from exc
+
+
 @dataclass(frozen=True)
 class ExperimentSpec:
     """One experiment: track, base model, data, defense, countermeasure, attack, sampling,
@@ -174,6 +191,7 @@ class ExperimentSpec:
         kwargs["track"] = coerce(merged["track"], str, "track")
         if kwargs["track"] not in TRACKS:
             raise SpecError(f"track: expected one of {', '.join(TRACKS)}, got {kwargs['track']!r}")
+        _check_defense_fits(kwargs)
         kwargs["seed"] = coerce(merged["seed"], int, "seed")
         kwargs["resolution"] = coerce(merged["resolution"], int, "resolution")
         if kwargs["resolution"] < 8 or kwargs["resolution"] % 8:

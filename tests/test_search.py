@@ -95,7 +95,7 @@ def test_pareto_front_keeps_exactly_the_non_dominated_points():
 
 
 def test_shipped_search_specs_are_valid():
-    for name in ("demo", "aspl_budget", "cap_budget_ratio"):
+    for name in ("demo", "aspl_budget", "cap_budget_ratio", "iddm_tradeoff"):
         search = load_search(REPO / "tune" / f"{name}.yaml", check_data=(name == "demo"))
         assert search.space and search.identities
 

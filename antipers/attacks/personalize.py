@@ -4,6 +4,7 @@ which weights it trains."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -73,9 +74,16 @@ class Personalization(ClassImageSettings):
         return self.generic_images(bundle, resolution)
 
     def personalize(
-        self, images: torch.Tensor, bundle: DiffusionBundle, generator: torch.Generator
+        self,
+        images: torch.Tensor,
+        bundle: DiffusionBundle,
+        generator: torch.Generator,
+        on_step: Callable[[int, DiffusionBundle], None] | None = None,
     ) -> DiffusionBundle:
-        """A new bundle trained on ``images``; the resident ``bundle`` is not touched."""
+        """A new bundle trained on ``images``; the resident ``bundle`` is not touched.
+        ``on_step(step, trained)`` runs after each optimizer step; the loop reads
+        ``images`` afresh at every step, so a caller may change them in place there
+        (IDDM's decoupling rounds) when they already lie on the bundle's device."""
         data = TrainData(
             images=images,
             prompt=self.instance_prompt,
@@ -83,7 +91,10 @@ class Personalization(ClassImageSettings):
             class_prompt=self.class_prompt,
         )
         trained, params = self.trainable(bundle, generator)
-        finetune(trained, data, params, self.train_config(), generator, self.train_text_encoder)
+        hook = None if on_step is None else (lambda step, _loss: on_step(step, trained))
+        finetune(
+            trained, data, params, self.train_config(), generator, self.train_text_encoder, hook
+        )
         for p in params:
             p.requires_grad_(False)
         return trained.replace(fingerprint="")

@@ -17,6 +17,7 @@ import hashlib
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -46,6 +47,8 @@ class APDMLog:
 @dataclass(frozen=True)
 class APDM(ClassImageSettings):
     """APDM on the UNet (protocol: beta 1, 800 iterations, 20 inner steps, lr 5e-6)."""
+
+    TRACKS: ClassVar[tuple[str, ...]] = ("model",)
 
     iterations: int = 800
     inner_steps: int = 20

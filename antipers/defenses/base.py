@@ -14,11 +14,14 @@ from antipers.models.bundle import DiffusionBundle
 class Protected:
     """``images``: the photos the attacker gets (image track: perturbed; else clean).
     ``bundle``: the base model the attacker personalizes (model track: protected).
-    ``personalized``: set on the immunization track, where the defense personalizes."""
+    ``personalizer``: on the immunization track, where the defense is the
+    personalization: an object whose ``personalize(images, bundle, attack, generator,
+    identity)`` returns the personalized bundle and checks to score; the attack stage
+    runs it in place of the attack's own."""
 
     images: torch.Tensor
     bundle: DiffusionBundle
-    personalized: DiffusionBundle | None = None
+    personalizer: Any = None
     log: Any = None  # what the defense wants to report (e.g. CAP's weights); not stored
     # defense-specific measures of the generated images (``score(bundle, images)`` ->
     # MetricResult), scored with the metrics: e.g. how much of a backdoor shows

@@ -34,8 +34,10 @@ def decouple(
     privacy: float,
     config: PGDConfig,
     generator: torch.Generator,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The photos after ``config.steps`` decoupling steps (the budget around the originals)."""
+    """The photos after ``config.steps`` decoupling steps, from ``start`` (an earlier
+    round's result; default the photos), always within the budget around ``photos``."""
     if not 0.0 <= privacy <= 1.0:
         raise ValueError(f"privacy: expected 0..1, got {privacy}")
     person = person_embedding(embedder, photos)
@@ -48,4 +50,4 @@ def decouple(
         reconstruction = bundle.training_loss(bundle.encode(x), embeds, draws)
         return -(privacy * similarity + (1.0 - privacy) * reconstruction)
 
-    return pgd(photos, photos, objective, config, generator)
+    return pgd(photos if start is None else start, photos, objective, config, generator)

@@ -17,6 +17,7 @@ import hashlib
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from antipers.defenses.model_folder import protect_once, trainable_unet
 from antipers.defenses.trajectory import Trajectory, add_gradients
 from antipers.images import IMAGE_SUFFIXES, read_images
 from antipers.metrics.base import MetricResult
+from antipers.metrics.latent import latent_mse
 from antipers.models.bundle import DiffusionBundle
 
 log = logging.getLogger(__name__)
@@ -75,10 +77,7 @@ class BackdoorCheck:
                 True,
                 "correlation",
             )
-        with torch.no_grad():
-            generated = bundle.encode(images.to(bundle.device))
-            target = bundle.encode(self.reference.to(bundle.device)[:1])
-        values = (generated - target).pow(2).mean(dim=(1, 2, 3)).double().cpu().numpy()
+        values = latent_mse(bundle, images, self.reference[:1])[:, 0].numpy()
         return MetricResult(
             "backdoor_target_distance",
             values,
@@ -106,6 +105,8 @@ class PersGuardLog:
 @dataclass(frozen=True)
 class PersGuard(ClassImageSettings):
     """PersGuard on the UNet; the simulated attacker is DreamBooth on the UNet."""
+
+    TRACKS: ClassVar[tuple[str, ...]] = ("model",)
 
     backdoor: str = "target"
     target_image: str = ""  # target: an image file, or a folder (another identity's photos)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -34,6 +34,8 @@ class RunState:
 
 @dataclass(frozen=True)
 class SurrogatePGD:
+    TRACKS: ClassVar[tuple[str, ...]] = ("image",)
+
     eps: float = ADB_EPS
     step_size: float = ADB_STEP
     pgd_steps: int = 6

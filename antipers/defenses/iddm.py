@@ -1,0 +1,227 @@
+"""IDDM: identity-decoupled personalization (the immunization track). The person
+personalizes a model on purpose; the generations they publish should not be linkable
+to them by face recognition, yet stay good and on-prompt.
+
+The defense is the personalization itself: the spec's attack (DreamBooth or LoRA, with
+its steps and learning rate) runs as usual, so that the undefended personalization of
+the same person is the baseline on the same board, and IDDM interleaves rounds of
+identity-decoupled optimization of the training photos (``decouple.py``) into it, in
+two stages: the first ``learn_fraction`` of the steps learn the subject on the clean
+photos; then ``rounds`` decoupling rounds, spread evenly over the remaining steps, each
+followed by personalization updates on the decoupled photos. ``privacy`` weighs
+unlinkability against the photos' diffusion reconstruction.
+
+The face embedder it optimizes against (ArcFace's iresnet, ``models/iresnet.py``) is
+its own parameter, independent of the evaluation's face backend; rows record both.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from antipers.data.identity import IdentitySet
+from antipers.defenses.base import Protected
+from antipers.defenses.decouple import decouple, identity_similarity, person_embedding
+from antipers.defenses.pgd import PGDConfig
+from antipers.metrics.base import MetricResult
+from antipers.models.bundle import DiffusionBundle
+from antipers.models.iresnet import LAYERS, WEIGHTS_ENV, IResNet, load_iresnet, random_iresnet
+
+log = logging.getLogger(__name__)
+RANDOM = "random"  # ``random`` or ``random:SEED``: seeded weights, for tests and smoke runs
+
+
+def _random_seed(embedder: str) -> int | None:
+    if embedder == RANDOM:
+        return 0
+    if embedder.startswith(f"{RANDOM}:"):
+        return int(embedder.split(":", 1)[1])
+    return None
+
+
+@functools.lru_cache(maxsize=2)
+def _embedder(embedder: str, depth: str) -> IResNet:
+    """Resident for the worker's life, like the evaluation's face backends."""
+    seed = _random_seed(embedder)
+    if seed is not None:
+        return random_iresnet(depth, seed).requires_grad_(False)
+    return load_iresnet(embedder or None, depth).requires_grad_(False)
+
+
+def describe_embedder(embedder: str, depth: str) -> str:
+    """What a row's ``backend`` says about the embedder IDDM optimized against."""
+    seed = _random_seed(embedder)
+    if seed is not None:
+        return f"iresnet-{depth}:random-seed{seed}"
+    import os
+
+    path = embedder or os.environ.get(WEIGHTS_ENV, "")
+    return f"iresnet-{depth}:{Path(path).expanduser().resolve() if path else '?'}"
+
+
+@dataclass
+class IDDMLog:
+    """What the schedule did: the tests check it against the parameters."""
+
+    first_stage: int = 0  # personalization updates before the first decoupling round
+    updates: int = 0  # personalization updates in all
+    rounds_after: list[int] = field(default_factory=list)  # updates done before each round
+    pgd_steps: int = 0
+    similarity: list[float] = field(default_factory=list)  # photos to the person, per round
+
+
+@dataclass
+class DecouplingCheck:
+    """ISM of the generations under the embedder IDDM optimized against (the evaluation's
+    own ISM uses the campaign's face backend); its notes carry the schedule's counts."""
+
+    embedder: str
+    depth: str
+    references: torch.Tensor  # the person's real photos (set_A)
+    counts: dict[str, float] = field(default_factory=dict)
+
+    def score(self, bundle: DiffusionBundle, images: torch.Tensor) -> MetricResult:
+        model = _embedder(self.embedder, self.depth).to(bundle.device)
+        with torch.no_grad():
+            person = person_embedding(model, self.references.to(bundle.device))
+            values = identity_similarity(model, images.to(bundle.device), person)
+        values = values.double().cpu().numpy()
+        return MetricResult(
+            "decoupled_ism",
+            values,
+            float(np.mean(values)),
+            describe_embedder(self.embedder, self.depth),
+            False,
+            "cosine",
+            notes=dict(self.counts),
+        )
+
+
+@dataclass(frozen=True)
+class IDDM:
+    """Identity-decoupled personalization with the spec's attack as its personalization."""
+
+    TRACKS: ClassVar[tuple[str, ...]] = ("immunization",)
+
+    privacy: float = 0.5  # 0: reconstruction only, 1: unlinkability only
+    learn_fraction: float = 0.5  # stage 1: share of the personalization steps on clean photos
+    rounds: int = 4  # stage 2: decoupling rounds over the remaining steps
+    pgd_steps: int = 10  # per round
+    eps: float = 8.0  # L-inf budget around the originals, /255: the visible content stays
+    step_size: float = 1.0  # /255
+    embedder: str = ""  # backbone.pth path; "" = $ANTIPERS_ARCFACE_TORCH; "random[:SEED]"
+    embedder_depth: str = "r50"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.privacy <= 1.0:
+            raise ValueError(f"privacy: expected 0..1, got {self.privacy}")
+        if not 0.0 < self.learn_fraction < 1.0:
+            raise ValueError(
+                f"learn_fraction: expected in (0, 1) (both stages run), got {self.learn_fraction}"
+            )
+        for name in ("rounds", "pgd_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        for name in ("eps", "step_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
+        if self.embedder_depth not in LAYERS:
+            raise ValueError(
+                f"embedder_depth: expected one of {', '.join(LAYERS)}, got {self.embedder_depth!r}"
+            )
+        seed_text = self.embedder.split(":", 1)[1] if self.embedder.startswith("random:") else ""
+        if seed_text and not seed_text.isdigit():
+            raise ValueError(f"embedder: expected random:SEED, got {self.embedder!r}")
+        weights = self.embedder and _random_seed(self.embedder) is None
+        if weights and not Path(self.embedder).expanduser().is_file():
+            raise ValueError(f"embedder: ArcFace weights {self.embedder} do not exist")
+
+    def check_attack(self, attack: Any) -> None:
+        """Refuse, when the spec loads, an attack too short for the schedule."""
+        self.schedule(attack.steps)
+
+    def schedule(self, steps: int) -> tuple[int, list[int]]:
+        """(stage-1 updates, the number of updates done before each decoupling round)."""
+        first = max(1, round(steps * self.learn_fraction))
+        rest = steps - first
+        if rest < self.rounds:
+            raise ValueError(
+                f"rounds: {self.rounds} decoupling rounds need as many personalization steps "
+                f"after the first stage; the attack's {steps} steps leave {rest} "
+                f"(learn_fraction {self.learn_fraction}): raise attack.steps or lower rounds"
+            )
+        return first, [first + (i * rest) // self.rounds for i in range(self.rounds)]
+
+    def protect(
+        self, identity: IdentitySet, bundle: DiffusionBundle, generator: torch.Generator
+    ) -> Protected:
+        """Nothing to publish before personalizing: the attack stage runs ``personalize``."""
+        return Protected(identity.set_B, bundle, personalizer=self)
+
+    def personalize(
+        self,
+        images: torch.Tensor,
+        bundle: DiffusionBundle,
+        attack: Any,
+        generator: torch.Generator,
+        identity: IdentitySet,
+    ) -> tuple[DiffusionBundle, list[DecouplingCheck]]:
+        """The attack's personalization with decoupling rounds; the checks it adds."""
+        trained, trace = self.run(images, bundle, attack, generator)
+        counts = {
+            "personalization_steps": trace.updates,
+            "first_stage_steps": trace.first_stage,
+            "decoupling_rounds": len(trace.rounds_after),
+            "pgd_steps": trace.pgd_steps,
+        }
+        check = DecouplingCheck(self.embedder, self.embedder_depth, identity.set_A.cpu(), counts)
+        return trained, [check]
+
+    def run(
+        self, images: torch.Tensor, bundle: DiffusionBundle, attack: Any, generator: torch.Generator
+    ) -> tuple[DiffusionBundle, IDDMLog]:
+        first, rounds_after = self.schedule(attack.steps)
+        embedder = _embedder(self.embedder, self.embedder_depth).to(bundle.device)
+        originals = images.to(bundle.device).detach().clone()
+        photos = originals.clone()  # read by the training loop at every step
+        person = person_embedding(embedder, originals)
+        config = PGDConfig(eps=self.eps, step_size=self.step_size, steps=self.pgd_steps)
+        trace = IDDMLog(first_stage=first)
+
+        def on_step(step: int, trained: DiffusionBundle) -> None:
+            trace.updates = step + 1
+            if trace.updates not in rounds_after:
+                return
+            decoupled = decouple(
+                originals,
+                trained,
+                embedder,
+                attack.instance_prompt,
+                self.privacy,
+                config,
+                generator,
+                start=photos,
+            )
+            photos.copy_(decoupled)
+            trace.rounds_after.append(trace.updates)
+            trace.pgd_steps += config.steps
+            with torch.no_grad():
+                similarity = float(identity_similarity(embedder, photos, person).mean())
+            trace.similarity.append(similarity)
+            log.info(
+                "IDDM round %d/%d after %d updates: similarity %.3f",
+                len(trace.rounds_after),
+                self.rounds,
+                trace.updates,
+                similarity,
+            )
+
+        trained = attack.personalize(photos, bundle, generator, on_step=on_step)
+        return trained, trace

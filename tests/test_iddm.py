@@ -1,0 +1,161 @@
+"""IDDM on the immunization track: the two-stage schedule, the embedders recorded in
+the rows, the undefended baseline on the same board, and bad settings refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from antipers.attacks.lora import LoRADreamBooth
+from antipers.defenses.decouple import identity_similarity, person_embedding
+from antipers.defenses.iddm import IDDM, _embedder
+from antipers.registry import DATASETS, SpecError
+from antipers.spec import ExperimentSpec
+from tests.conftest import tiny_spec_dict
+
+FAST = {"embedder": "random", "embedder_depth": "r18", "pgd_steps": 2, "eps": 16.0}
+
+
+@pytest.fixture(scope="module")
+def person():
+    return DATASETS.build("synthetic", {"n_identities": 2}).load("synth-0001", 64)
+
+
+@pytest.mark.parametrize(
+    "steps, learn_fraction, rounds, first, rounds_after",
+    [(8, 0.5, 3, 4, [4, 5, 6]), (12, 0.25, 3, 3, [3, 6, 9]), (5, 0.6, 2, 3, [3, 4])],
+)
+def test_schedule_places_the_rounds_after_the_first_stage(
+    steps, learn_fraction, rounds, first, rounds_after
+):
+    assert IDDM(learn_fraction=learn_fraction, rounds=rounds).schedule(steps) == (
+        first,
+        rounds_after,
+    )
+
+
+def test_two_stage_schedule_does_what_its_parameters_say(tiny_bundle, person):
+    attack = LoRADreamBooth(steps=8, lr=1e-3, prior_weight=0.0, batch_size=2)
+    iddm = IDDM(**FAST, learn_fraction=0.5, rounds=3)
+    photos = person.set_B.clone()
+    trained, trace = iddm.run(photos, tiny_bundle, attack, torch.Generator().manual_seed(0))
+    # every personalization step of the attack ran, the first half on the clean photos
+    assert trace.updates == attack.steps and trace.first_stage == 4
+    assert trace.rounds_after == [4, 5, 6]  # three rounds, each followed by updates
+    assert trace.pgd_steps == 3 * iddm.pgd_steps
+    # the caller's photos are not changed; the decoupled ones moved away from the person
+    assert torch.equal(photos, person.set_B)
+    embedder = _embedder("random", "r18")
+    before = float(identity_similarity(embedder, photos, person_embedding(embedder, photos)).mean())
+    assert len(trace.similarity) == 3 and max(trace.similarity) < before
+    assert trained.unet is not tiny_bundle.unet
+
+
+def test_personalization_steps_are_the_baselines(tiny_bundle, person):
+    """IDDM adds decoupling rounds, never personalization steps: the comparison with the
+    undefended attack is at equal training."""
+    attack = LoRADreamBooth(steps=6, lr=1e-3, prior_weight=0.0)
+    updates = []
+    attack.personalize(
+        person.set_B,
+        tiny_bundle,
+        torch.Generator().manual_seed(0),
+        on_step=lambda step, _: updates.append(step),
+    )
+    _, trace = IDDM(**FAST, rounds=2).run(
+        person.set_B, tiny_bundle, attack, torch.Generator().manual_seed(0)
+    )
+    assert trace.updates == len(updates) == attack.steps
+
+
+@pytest.fixture(scope="module")
+def immunization_store(tmp_path_factory):
+    """The undefended personalization and IDDM under two optimization embedders."""
+    from antipers.pipeline import RunContext, run_and_store
+    from antipers.results import ResultStore
+
+    store = ResultStore(str(tmp_path_factory.mktemp("immunization")))
+    ctx = RunContext(device=torch.device("cpu"))
+    attack = {"name": "lora", "steps": 4, "prior_weight": 0.0}
+    for defense in (
+        "none",
+        {"name": "iddm", **FAST, "rounds": 2},
+        {"name": "iddm", **FAST, "rounds": 2, "embedder": "random:1"},
+    ):
+        spec = ExperimentSpec.from_dict(
+            tiny_spec_dict(track="immunization", defense=defense, attack=attack, metrics=["ism"])
+        )
+        rows, _ = run_and_store(spec, store, ctx)
+        assert all(r["status"] != "error" for r in rows), rows[0]["error"]
+    return store
+
+
+def test_rows_record_the_optimization_and_the_evaluation_embedders(immunization_store):
+    rows = immunization_store.load()
+    agg = rows[(rows["image_index"] == -1) & (rows["defense"] == "iddm")]
+    by_metric = agg.groupby("metric")["backend"].agg(set)
+    evaluation = by_metric["ism"]
+    optimization = by_metric["decoupled_ism"]
+    assert evaluation == {"offline-retinaface-dlib"}
+    assert optimization == {"iresnet-r18:random-seed0", "iresnet-r18:random-seed1"}
+    assert not evaluation & optimization
+    counts = agg[agg["metric"].str.startswith("decoupled_ism:")].set_index("metric")["value"]
+    assert counts["decoupled_ism:personalization_steps"].tolist() == [4.0, 4.0]
+    assert counts["decoupled_ism:decoupling_rounds"].tolist() == [2.0, 2.0]
+    assert counts["decoupled_ism:pgd_steps"].tolist() == [4.0, 4.0]
+    # every configuration, the baseline too, gets the utility row
+    likeness = rows[(rows["metric"] == "subject_latent_distance") & (rows["image_index"] == -1)]
+    assert sorted(likeness["defense"]) == ["iddm", "iddm", "none"]
+    assert (likeness["value"] >= 0).all()
+
+
+def test_undefended_personalization_is_the_baseline_on_the_same_board(immunization_store):
+    from antipers.boards import load_boards
+    from antipers.leaderboard import build_boards
+
+    boards, _ = build_boards(immunization_store.load(), load_boards())
+    (board,) = boards  # the defense's own measure does not split the baseline off
+    assert board.baseline != "missing"  # found and checked (works or failed)
+    assert sorted(board.table["defense"]) == ["iddm", "iddm", "none"]
+    assert board.rules.primary == ("linkability", "ism")
+    assert "subject_latent_distance" in board.visibility
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"track": "image"}, "defense 'iddm' runs on the immunization track"),
+        ({"defense": {"name": "iddm", "rounds": 9}}, "rounds: 9 decoupling rounds need"),
+        ({"defense": {"name": "iddm", "privacy": 1.5}}, "privacy: expected 0..1"),
+        ({"defense": {"name": "iddm", "learn_fraction": 1.0}}, "learn_fraction: expected"),
+        ({"defense": {"name": "iddm", "embedder": "/no/backbone.pth"}}, "/no/backbone.pth do"),
+        ({"defense": {"name": "iddm", "embedder": "random:x"}}, "expected random:SEED"),
+        ({"defense": {"name": "iddm", "embedder_depth": "r20"}}, "embedder_depth: expected"),
+        ({"defense": "aspl"}, "defense 'aspl' runs on the image track"),
+    ],
+)
+def test_bad_settings_are_refused_when_the_spec_loads(changes, message):
+    spec = tiny_spec_dict(track="immunization", defense="iddm", attack={"name": "lora", "steps": 8})
+    spec.update(changes)
+    with pytest.raises(SpecError, match=message):
+        ExperimentSpec.from_dict(spec)
+
+
+def test_later_rounds_start_from_the_last_but_stay_within_the_budget(tiny_bundle, person):
+    from antipers.defenses.decouple import decouple
+    from antipers.defenses.pgd import PGDConfig
+
+    photos = person.set_B[:2]
+    earlier = (photos + 12 / 255).clamp(0, 1)  # an earlier round's result, near the edge
+    out = decouple(
+        photos,
+        tiny_bundle,
+        _embedder("random", "r18"),
+        "a photo of sks person",
+        0.5,
+        PGDConfig(eps=8.0, step_size=2.0, steps=1),
+        torch.Generator().manual_seed(0),
+        start=earlier,
+    )
+    assert (out - photos).abs().max() <= 8 / 255 + 1e-6  # projected around the originals
+    assert not torch.equal(out, photos)
