@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import torch
 
 from antipers import __version__
@@ -28,7 +29,7 @@ from antipers.attacks.countermeasures import AttackEnv
 from antipers.device import pick_device
 from antipers.images import check_images
 from antipers.metrics.base import MetricResult, ScoreInputs, evaluate
-from antipers.metrics.latent import subject_likeness
+from antipers.metrics.latent import SubjectLikeness
 from antipers.models.bundle import DiffusionBundle
 from antipers.registry import (
     ATTACKS,
@@ -265,7 +266,7 @@ def attack_stage(
         handoff.prompts = sampler.image_prompts()
         if spec.track == "model":
             _model_track(spec, ctx, handoff, model, attack, sampler, say)
-        handoff.model = None
+        handoff.model = handoff.personalizer = None
     return handoff
 
 
@@ -320,9 +321,10 @@ def score_stage(
         )
         handoff.results = [evaluate(m, inputs) for m in metrics]
         base = ctx.base_model(spec.base_model)
-        handoff.results += [c.score(base, handoff.generated) for c in handoff.checks]
+        checks = list(handoff.checks)
         if spec.track == "immunization":  # utility: the avatars still look like the person
-            handoff.results.append(subject_likeness(base, handoff.generated, identity.set_A))
+            checks.append(SubjectLikeness(identity.set_A))
+        handoff.results += [own_measure(c, base, handoff.generated) for c in checks]
         if handoff.bystander is not None:
             other = ctx.person(spec.dataset, handoff.bystander.identity, spec.resolution)
             inputs = ScoreInputs(
@@ -336,7 +338,7 @@ def score_stage(
             )
             handoff.bystander.results = [evaluate(m, inputs) for m in metrics]
             handoff.bystander.results += [
-                c.score(base, handoff.bystander.generated) for c in handoff.checks
+                own_measure(c, base, handoff.bystander.generated) for c in handoff.checks
             ]
         if handoff.generic is not None:
             from antipers.model_track import PROMPT_SET_METRICS
@@ -356,6 +358,25 @@ def score_stage(
                 if m.name in PROMPT_SET_METRICS
             ]
     return handoff
+
+
+def own_measure(check: Any, bundle: DiffusionBundle, images: torch.Tensor) -> MetricResult:
+    """A defense's or a track's own measure (``check.score(bundle, images)``); like a
+    metric, one that fails gives an error row for itself, never for the experiment."""
+    try:
+        return check.score(bundle, images)
+    except Exception as exc:
+        log.warning("%s failed: %s", check.metric, exc)
+        return MetricResult(
+            check.metric,
+            np.array([]),
+            float("nan"),
+            "",
+            check.higher_is_better,
+            "",
+            status=ERROR,
+            reason=f"{type(exc).__name__}: {exc}",
+        )
 
 
 def experiment_rows(spec: ExperimentSpec, handoff: Handoff) -> list[dict[str, Any]]:

@@ -64,6 +64,12 @@ def plan(
     existing = [o for o in [*outputs, out_dir / REPORT] if o.exists()]
     if existing and not overwrite:
         raise ProtectError(f"{existing[0]} exists (and {len(existing) - 1} more); use --overwrite")
+    tracks = getattr(DEFENSES.get(defense) if defense in DEFENSES else None, "TRACKS", ("image",))
+    if "image" not in tracks:
+        raise ProtectError(
+            f"defense {defense!r} does not change photos (it runs on the {' or '.join(tracks)} "
+            "track); protect your photos with an image defense: aspl, simac, cap-aspl, ..."
+        )
     try:
         defense_spec = ComponentSpec.parse({"name": defense, **params}, DEFENSES, "defense")
     except ValueError as exc:

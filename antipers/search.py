@@ -24,14 +24,8 @@ from antipers.registry import DATASETS, SpecError
 from antipers.spec import ExperimentSpec, load_mapping
 
 PRIVACY = {"ism": True, "fdfr": False, "linkability": True}  # metric -> report 1 - value
-# metric -> report 1 - value; the last two are the immunization track's utility
-QUALITY = {
-    "psnr": False,
-    "ssim": False,
-    "lpips": True,
-    "clip-t": False,
-    "subject_latent_distance": True,
-}
+# metric -> report 1 - value; clip-t is the immunization track's (prompt fidelity)
+QUALITY = {"psnr": False, "ssim": False, "lpips": True, "clip-t": False}
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
 ALGORITHMS = ("optuna", "random")
 SCHEDULERS = ("asha", "fifo")

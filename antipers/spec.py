@@ -119,9 +119,10 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 
-def _check_defense_fits(kwargs: dict[str, Any]) -> None:
-    """A defense runs on the tracks it declares (``TRACKS``; all when it declares none),
-    and may refuse an attack it cannot work with (IDDM: too few steps for its rounds)."""
+def _check_fits_track(kwargs: dict[str, Any]) -> None:
+    """A defense runs on the tracks it declares (``TRACKS``; all when it declares none)
+    and may refuse an attack it cannot work with (IDDM: too few steps for its rounds);
+    photo-budget metrics belong to the image track, the only one that changes photos."""
     defense = kwargs["defense"].build(DEFENSES)
     tracks = getattr(defense, "TRACKS", None)
     if tracks and kwargs["track"] not in tracks:
@@ -129,6 +130,12 @@ def _check_defense_fits(kwargs: dict[str, Any]) -> None:
             f"defense {kwargs['defense'].name!r} runs on the {' or '.join(tracks)} track, "
             f"not {kwargs['track']!r}: set track: {tracks[0]}"
         )
+    for metric in kwargs["metrics"]:
+        if kwargs["track"] != "image" and getattr(METRICS.get(metric.name), "compares_photos", 0):
+            raise SpecError(
+                f"metrics: {metric.name!r} compares protected photos with their originals; "
+                f"on the {kwargs['track']} track no defense changes the published photos"
+            )
     if hasattr(defense, "check_attack"):
         try:
             defense.check_attack(kwargs["attack"].build(ATTACKS))
@@ -191,7 +198,7 @@ class ExperimentSpec:
         kwargs["track"] = coerce(merged["track"], str, "track")
         if kwargs["track"] not in TRACKS:
             raise SpecError(f"track: expected one of {', '.join(TRACKS)}, got {kwargs['track']!r}")
-        _check_defense_fits(kwargs)
+        _check_fits_track(kwargs)
         kwargs["seed"] = coerce(merged["seed"], int, "seed")
         kwargs["resolution"] = coerce(merged["resolution"], int, "resolution")
         if kwargs["resolution"] < 8 or kwargs["resolution"] % 8:

@@ -3,6 +3,7 @@ the rows, the undefended baseline on the same board, and bad settings refused.""
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 
@@ -34,38 +35,50 @@ def test_schedule_places_the_rounds_after_the_first_stage(
     )
 
 
-def test_two_stage_schedule_does_what_its_parameters_say(tiny_bundle, person):
-    attack = LoRADreamBooth(steps=8, lr=1e-3, prior_weight=0.0, batch_size=2)
+def test_two_stage_schedule_does_what_its_parameters_say(tiny_bundle, person, monkeypatch):
+    from antipers.models.bundle import DiffusionBundle
+
+    attack = LoRADreamBooth(steps=8, lr=1e-3, prior_weight=0.0, batch_size=len(person.set_B))
     iddm = IDDM(**FAST, learn_fraction=0.5, rounds=3)
+    trained_on = []  # what each personalization step encoded (the loop samples latents)
+    encode = DiffusionBundle.encode
+
+    def spy(self, images, generator=None):
+        if generator is not None:
+            trained_on.append(images.detach().clone())
+        return encode(self, images, generator)
+
+    monkeypatch.setattr(DiffusionBundle, "encode", spy)
     photos = person.set_B.clone()
     trained, trace = iddm.run(photos, tiny_bundle, attack, torch.Generator().manual_seed(0))
-    # every personalization step of the attack ran, the first half on the clean photos
-    assert trace.updates == attack.steps and trace.first_stage == 4
-    assert trace.rounds_after == [4, 5, 6]  # three rounds, each followed by updates
+    monkeypatch.undo()
+    assert trace.first_stage == 4 and trace.rounds_after == [4, 5, 6]
+    assert trace.updates == len(trained_on) == attack.steps  # no step added to the attack's
     assert trace.pgd_steps == 3 * iddm.pgd_steps
-    # the caller's photos are not changed; the decoupled ones moved away from the person
-    assert torch.equal(photos, person.set_B)
+
+    def clean(batch):
+        return [any(torch.equal(img, p) for p in photos) for img in batch]
+
+    # stage 1 trains on the clean photos, every later step on decoupled ones
+    assert all(all(clean(batch)) for batch in trained_on[:4])
+    assert not any(any(clean(batch)) for batch in trained_on[4:])
+    assert torch.equal(photos, person.set_B)  # the caller's photos are not changed
+    assert 0 < trace.linf <= iddm.eps + 1e-3
     embedder = _embedder("random", "r18")
     before = float(identity_similarity(embedder, photos, person_embedding(embedder, photos)).mean())
     assert len(trace.similarity) == 3 and max(trace.similarity) < before
     assert trained.unet is not tiny_bundle.unet
 
 
-def test_personalization_steps_are_the_baselines(tiny_bundle, person):
-    """IDDM adds decoupling rounds, never personalization steps: the comparison with the
-    undefended attack is at equal training."""
+def test_the_knob_orders_how_far_the_photos_move_from_the_person(tiny_bundle, person):
     attack = LoRADreamBooth(steps=6, lr=1e-3, prior_weight=0.0)
-    updates = []
-    attack.personalize(
-        person.set_B,
-        tiny_bundle,
-        torch.Generator().manual_seed(0),
-        on_step=lambda step, _: updates.append(step),
-    )
-    _, trace = IDDM(**FAST, rounds=2).run(
-        person.set_B, tiny_bundle, attack, torch.Generator().manual_seed(0)
-    )
-    assert trace.updates == len(updates) == attack.steps
+    final = {}
+    for privacy in (0.0, 0.5, 1.0):
+        _, trace = IDDM(**FAST, privacy=privacy, rounds=2).run(
+            person.set_B, tiny_bundle, attack, torch.Generator().manual_seed(0)
+        )
+        final[privacy] = trace.similarity[-1]
+    assert final[1.0] < final[0.5] < final[0.0]
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +142,9 @@ def test_undefended_personalization_is_the_baseline_on_the_same_board(immunizati
         ({"defense": {"name": "iddm", "privacy": 1.5}}, "privacy: expected 0..1"),
         ({"defense": {"name": "iddm", "learn_fraction": 1.0}}, "learn_fraction: expected"),
         ({"defense": {"name": "iddm", "embedder": "/no/backbone.pth"}}, "/no/backbone.pth do"),
-        ({"defense": {"name": "iddm", "embedder": "random:x"}}, "expected random:SEED"),
+        ({"defense": {"name": "iddm", "embedder": "random:x"}}, "expected random or random:SEED"),
+        ({"defense": {"name": "iddm", "embedder": "random:"}}, "expected random or random:SEED"),
+        ({"metrics": ["ism", "psnr"]}, "'psnr' compares protected photos"),
         ({"defense": {"name": "iddm", "embedder_depth": "r20"}}, "embedder_depth: expected"),
         ({"defense": "aspl"}, "defense 'aspl' runs on the image track"),
     ],
@@ -157,5 +172,51 @@ def test_later_rounds_start_from_the_last_but_stay_within_the_budget(tiny_bundle
         torch.Generator().manual_seed(0),
         start=earlier,
     )
-    assert (out - photos).abs().max() <= 8 / 255 + 1e-6  # projected around the originals
-    assert not torch.equal(out, photos)
+    change = (out - photos).abs().max()
+    assert change <= 8 / 255 + 1e-6  # projected around the originals
+    assert change > 2 / 255 + 1e-6  # one 2/255 step from the originals could not get there
+
+
+def test_a_second_evaluation_backend_splits_the_board_but_the_optimizer_does_not(
+    immunization_store,
+):
+    """Two face backends for ``ism`` are never averaged; the two IDDM embedders of
+    ``decoupled_ism`` (a defense's own measure) split nothing."""
+    from antipers.boards import load_boards
+    from antipers.leaderboard import build_boards
+
+    rows = immunization_store.load()
+    other = rows.copy()
+    other["spec_id"] = other["spec_id"] + "-insightface"
+    other.loc[other["metric"].str.startswith("ism"), "backend"] = "insightface-buffalo_l"
+    boards, _ = build_boards(pd.concat([rows, other]), load_boards())
+    assert len(boards) == 2
+    for board in boards:
+        assert sorted(board.table["defense"]) == ["iddm", "iddm", "none"]
+    assert {"offline" in b.key["backends"] for b in boards} == {True, False}
+
+
+def test_a_failing_own_measure_fails_alone(tiny_bundle):
+    from antipers.defenses.iddm import DecouplingCheck
+    from antipers.pipeline import own_measure
+
+    check = DecouplingCheck("/no/such/backbone.pth", "r50", torch.rand(1, 3, 64, 64))
+    result = own_measure(check, tiny_bundle, torch.rand(2, 3, 64, 64))
+    assert result.metric == "decoupled_ism" and result.status == "error"
+    assert "/no/such/backbone.pth" in result.reason
+
+
+def test_the_embedder_is_resolved_where_it_optimizes(monkeypatch, tmp_path):
+    from antipers.defenses.iddm import describe_embedder, resolve_embedder
+    from antipers.models.iresnet import WEIGHTS_ENV
+
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    with pytest.raises(FileNotFoundError, match=WEIGHTS_ENV):
+        resolve_embedder("")
+    weights = tmp_path / "backbone.pth"
+    torch.save(_embedder("random", "r18").state_dict(), weights)
+    monkeypatch.setenv(WEIGHTS_ENV, str(weights))
+    assert resolve_embedder("") == str(weights.resolve())
+    assert resolve_embedder("random:3") == "random:3"
+    described = describe_embedder(str(weights.resolve()), "r18")
+    assert described.startswith("iresnet-r18:backbone.pth@") and str(tmp_path) not in described

@@ -77,6 +77,7 @@ def test_protect_refuses_to_overwrite_or_write_into_input(photos, tmp_path, caps
         (["--param", "epss=3"], "has no parameter 'epss'"),
         (["--param", "eps=-1"], "eps: expected a budget"),
         (["--param", "eps"], "expected KEY=VALUE"),
+        (["--defense", "iddm"], "defense 'iddm' does not change photos"),
     ],
 )
 def test_protect_bad_parameters(photos, tmp_path, capsys, args, message):

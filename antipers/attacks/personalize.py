@@ -78,12 +78,11 @@ class Personalization(ClassImageSettings):
         images: torch.Tensor,
         bundle: DiffusionBundle,
         generator: torch.Generator,
-        on_step: Callable[[int, DiffusionBundle], None] | None = None,
+        on_step: Callable[[int, DiffusionBundle], torch.Tensor | None] | None = None,
     ) -> DiffusionBundle:
         """A new bundle trained on ``images``; the resident ``bundle`` is not touched.
-        ``on_step(step, trained)`` runs after each optimizer step; the loop reads
-        ``images`` afresh at every step, so a caller may change them in place there
-        (IDDM's decoupling rounds) when they already lie on the bundle's device."""
+        ``on_step(step, trained)`` runs after each optimizer step; images it returns
+        are what the following steps train on (IDDM's decoupling rounds)."""
         data = TrainData(
             images=images,
             prompt=self.instance_prompt,

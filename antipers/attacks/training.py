@@ -99,12 +99,14 @@ def finetune(
     config: TrainConfig,
     generator: torch.Generator,
     train_text_encoder: bool = False,
-    on_step: Callable[[int, float], None] | None = None,
+    on_step: Callable[[int, float], torch.Tensor | None] | None = None,
 ) -> list[float]:
     """Train ``params`` (already requiring grad) of ``bundle``; returns per-step losses.
 
     The VAE stays frozen; latents are sampled from its posterior each step, as
     DreamBooth does. All randomness comes from ``generator``: repeatable on the CPU.
+    ``on_step(step, loss)`` runs after each optimizer step; images it returns replace
+    the instance images from the next step on (IDDM's decoupling rounds).
     """
     from diffusers.optimization import get_scheduler
 
@@ -157,5 +159,12 @@ def finetune(
             if (step + 1) % every == 0 or step + 1 == config.steps:
                 log.info("finetune step %d/%d loss %.4f", step + 1, config.steps, total)
             if on_step is not None:
-                on_step(step, total)
+                replaced = on_step(step, total)
+                if replaced is not None:
+                    if replaced.shape != images.shape:
+                        raise ValueError(
+                            f"on_step: replacement images {tuple(replaced.shape)} differ "
+                            f"from the training images {tuple(images.shape)}"
+                        )
+                    images = replaced.detach().to(bundle.device)
     return losses

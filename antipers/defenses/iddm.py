@@ -17,15 +17,21 @@ its own parameter, independent of the evaluation's face backend; rows record bot
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import logging
+import os
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
 
+from antipers.attacks.personalize import Personalization
 from antipers.data.identity import IdentitySet
 from antipers.defenses.base import Protected
 from antipers.defenses.decouple import decouple, identity_similarity, person_embedding
@@ -35,35 +41,50 @@ from antipers.models.bundle import DiffusionBundle
 from antipers.models.iresnet import LAYERS, WEIGHTS_ENV, IResNet, load_iresnet, random_iresnet
 
 log = logging.getLogger(__name__)
-RANDOM = "random"  # ``random`` or ``random:SEED``: seeded weights, for tests and smoke runs
+RANDOM = re.compile(r"random(?::(\d+))?")  # seeded weights, for tests and smoke runs
 
 
 def _random_seed(embedder: str) -> int | None:
-    if embedder == RANDOM:
-        return 0
-    if embedder.startswith(f"{RANDOM}:"):
-        return int(embedder.split(":", 1)[1])
-    return None
+    match = RANDOM.fullmatch(embedder)
+    return None if match is None else int(match.group(1) or 0)
+
+
+def resolve_embedder(embedder: str) -> str:
+    """``random[:SEED]`` as is; else the weights file, ``""`` read from
+    ``$ANTIPERS_ARCFACE_TORCH`` once, where the optimization runs, so that the
+    scoring worker measures with the very weights optimized against."""
+    if _random_seed(embedder) is not None:
+        return embedder
+    raw = embedder or os.environ.get(WEIGHTS_ENV, "")
+    if not raw:
+        raise FileNotFoundError(
+            f"iddm: no ArcFace PyTorch weights: set embedder to a backbone.pth path, or "
+            f"${WEIGHTS_ENV}, or embedder: random for seeded random weights (smoke runs)"
+        )
+    return str(Path(raw).expanduser().resolve())
 
 
 @functools.lru_cache(maxsize=2)
-def _embedder(embedder: str, depth: str) -> IResNet:
+def _embedder(resolved: str, depth: str) -> IResNet:
     """Resident for the worker's life, like the evaluation's face backends."""
-    seed = _random_seed(embedder)
+    seed = _random_seed(resolved)
     if seed is not None:
         return random_iresnet(depth, seed).requires_grad_(False)
-    return load_iresnet(embedder or None, depth).requires_grad_(False)
+    return load_iresnet(resolved, depth).requires_grad_(False)
 
 
-def describe_embedder(embedder: str, depth: str) -> str:
-    """What a row's ``backend`` says about the embedder IDDM optimized against."""
-    seed = _random_seed(embedder)
+@functools.lru_cache(maxsize=8)
+def describe_embedder(resolved: str, depth: str) -> str:
+    """A row's ``backend`` for the embedder IDDM optimized against: the weights' file
+    name and content hash (not the machine's path)."""
+    seed = _random_seed(resolved)
     if seed is not None:
         return f"iresnet-{depth}:random-seed{seed}"
-    import os
-
-    path = embedder or os.environ.get(WEIGHTS_ENV, "")
-    return f"iresnet-{depth}:{Path(path).expanduser().resolve() if path else '?'}"
+    digest = hashlib.sha256()
+    with open(resolved, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return f"iresnet-{depth}:{Path(resolved).name}@{digest.hexdigest()[:12]}"
 
 
 @dataclass
@@ -75,6 +96,7 @@ class IDDMLog:
     rounds_after: list[int] = field(default_factory=list)  # updates done before each round
     pgd_steps: int = 0
     similarity: list[float] = field(default_factory=list)  # photos to the person, per round
+    linf: float = 0.0  # the last round's photos against the originals, /255
 
 
 @dataclass
@@ -82,10 +104,12 @@ class DecouplingCheck:
     """ISM of the generations under the embedder IDDM optimized against (the evaluation's
     own ISM uses the campaign's face backend); its notes carry the schedule's counts."""
 
-    embedder: str
+    embedder: str  # resolved: a weights file or random[:SEED]
     depth: str
     references: torch.Tensor  # the person's real photos (set_A)
     counts: dict[str, float] = field(default_factory=dict)
+    metric: str = "decoupled_ism"
+    higher_is_better: bool = False
 
     def score(self, bundle: DiffusionBundle, images: torch.Tensor) -> MetricResult:
         model = _embedder(self.embedder, self.depth).to(bundle.device)
@@ -94,14 +118,34 @@ class DecouplingCheck:
             values = identity_similarity(model, images.to(bundle.device), person)
         values = values.double().cpu().numpy()
         return MetricResult(
-            "decoupled_ism",
+            self.metric,
             values,
             float(np.mean(values)),
             describe_embedder(self.embedder, self.depth),
-            False,
+            self.higher_is_better,
             "cosine",
             notes=dict(self.counts),
         )
+
+
+@contextlib.contextmanager
+def frozen(bundle: DiffusionBundle) -> Iterator[None]:
+    """A decoupling round inside the training loop: the model in eval mode and its
+    weights out of autograd (no activations kept for them), restored after."""
+    modules = [bundle.unet, bundle.text_encoder]
+    training = [m.training for m in modules]
+    trainable = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for module in modules:
+        module.eval()
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+        for module, mode in zip(modules, training, strict=True):
+            module.train(mode)
 
 
 @dataclass(frozen=True)
@@ -136,15 +180,18 @@ class IDDM:
             raise ValueError(
                 f"embedder_depth: expected one of {', '.join(LAYERS)}, got {self.embedder_depth!r}"
             )
-        seed_text = self.embedder.split(":", 1)[1] if self.embedder.startswith("random:") else ""
-        if seed_text and not seed_text.isdigit():
-            raise ValueError(f"embedder: expected random:SEED, got {self.embedder!r}")
+        if self.embedder.startswith("random") and _random_seed(self.embedder) is None:
+            raise ValueError(f"embedder: expected random or random:SEED, got {self.embedder!r}")
         weights = self.embedder and _random_seed(self.embedder) is None
         if weights and not Path(self.embedder).expanduser().is_file():
             raise ValueError(f"embedder: ArcFace weights {self.embedder} do not exist")
 
-    def check_attack(self, attack: Any) -> None:
-        """Refuse, when the spec loads, an attack too short for the schedule."""
+    def check_attack(self, attack: object) -> None:
+        """Refuse, when the spec loads, an attack IDDM cannot wrap or too short for it."""
+        if not isinstance(attack, Personalization):
+            raise ValueError(
+                f"IDDM wraps a personalization (dreambooth, lora), not {type(attack).__name__}"
+            )
         self.schedule(attack.steps)
 
     def schedule(self, steps: int) -> tuple[int, list[int]]:
@@ -169,52 +216,62 @@ class IDDM:
         self,
         images: torch.Tensor,
         bundle: DiffusionBundle,
-        attack: Any,
+        attack: Personalization,
         generator: torch.Generator,
         identity: IdentitySet,
     ) -> tuple[DiffusionBundle, list[DecouplingCheck]]:
         """The attack's personalization with decoupling rounds; the checks it adds."""
-        trained, trace = self.run(images, bundle, attack, generator)
+        embedder = resolve_embedder(self.embedder)
+        trained, trace = self.run(images, bundle, attack, generator, embedder)
         counts = {
-            "personalization_steps": trace.updates,
-            "first_stage_steps": trace.first_stage,
-            "decoupling_rounds": len(trace.rounds_after),
-            "pgd_steps": trace.pgd_steps,
+            "personalization_steps": float(trace.updates),
+            "first_stage_steps": float(trace.first_stage),
+            "decoupling_rounds": float(len(trace.rounds_after)),
+            "pgd_steps": float(trace.pgd_steps),
+            "photos_linf": trace.linf,
         }
-        check = DecouplingCheck(self.embedder, self.embedder_depth, identity.set_A.cpu(), counts)
-        return trained, [check]
+        references = identity.set_A.cpu()
+        return trained, [DecouplingCheck(embedder, self.embedder_depth, references, counts)]
 
     def run(
-        self, images: torch.Tensor, bundle: DiffusionBundle, attack: Any, generator: torch.Generator
+        self,
+        images: torch.Tensor,
+        bundle: DiffusionBundle,
+        attack: Personalization,
+        generator: torch.Generator,
+        embedder: str | None = None,
     ) -> tuple[DiffusionBundle, IDDMLog]:
         first, rounds_after = self.schedule(attack.steps)
-        embedder = _embedder(self.embedder, self.embedder_depth).to(bundle.device)
-        originals = images.to(bundle.device).detach().clone()
-        photos = originals.clone()  # read by the training loop at every step
-        person = person_embedding(embedder, originals)
+        model = _embedder(embedder or resolve_embedder(self.embedder), self.embedder_depth)
+        model = model.to(bundle.device)
+        originals = images.to(bundle.device).detach()
+        person = person_embedding(model, originals)
         config = PGDConfig(eps=self.eps, step_size=self.step_size, steps=self.pgd_steps)
         trace = IDDMLog(first_stage=first)
+        current = originals
 
-        def on_step(step: int, trained: DiffusionBundle) -> None:
+        def on_step(step: int, trained: DiffusionBundle) -> torch.Tensor | None:
+            nonlocal current
             trace.updates = step + 1
             if trace.updates not in rounds_after:
-                return
-            decoupled = decouple(
-                originals,
-                trained,
-                embedder,
-                attack.instance_prompt,
-                self.privacy,
-                config,
-                generator,
-                start=photos,
-            )
-            photos.copy_(decoupled)
+                return None
+            with frozen(trained):
+                current = decouple(
+                    originals,
+                    trained,
+                    model,
+                    attack.instance_prompt,
+                    self.privacy,
+                    config,
+                    generator,
+                    start=current,
+                )
             trace.rounds_after.append(trace.updates)
             trace.pgd_steps += config.steps
             with torch.no_grad():
-                similarity = float(identity_similarity(embedder, photos, person).mean())
+                similarity = float(identity_similarity(model, current, person).mean())
             trace.similarity.append(similarity)
+            trace.linf = float((current - originals).abs().max()) * 255.0
             log.info(
                 "IDDM round %d/%d after %d updates: similarity %.3f",
                 len(trace.rounds_after),
@@ -222,6 +279,7 @@ class IDDM:
                 trace.updates,
                 similarity,
             )
+            return current
 
-        trained = attack.personalize(photos, bundle, generator, on_step=on_step)
+        trained = attack.personalize(originals, bundle, generator, on_step=on_step)
         return trained, trace

@@ -61,6 +61,14 @@ class BackdoorCheck:
     reference: torch.Tensor  # the checkerboard (pattern) or the target image (target)
     pattern_size: float = 0.5
 
+    @property
+    def metric(self) -> str:
+        return "backdoor_pattern" if self.kind == "pattern" else "backdoor_target_distance"
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.kind == "pattern"
+
     def score(self, bundle: DiffusionBundle, images: torch.Tensor) -> MetricResult:
         if self.kind == "pattern":
             board = checkerboard(torch.zeros_like(images[:1]), self.pattern_size)
@@ -70,20 +78,20 @@ class BackdoorCheck:
                 [_correlation(img[region[0]].float(), expected) for img in images.cpu()]
             )
             return MetricResult(
-                "backdoor_pattern",
+                self.metric,
                 values,
                 float(np.nanmean(values)),
                 "antipers",
-                True,
+                self.higher_is_better,
                 "correlation",
             )
         values = latent_mse(bundle, images, self.reference[:1])[:, 0].numpy()
         return MetricResult(
-            "backdoor_target_distance",
+            self.metric,
             values,
             float(values.mean()),
             "antipers",
-            False,
+            self.higher_is_better,
             "latent mse",
         )
 

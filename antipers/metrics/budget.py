@@ -54,6 +54,7 @@ class _BudgetMetric:
     fn: ClassVar[Callable[[torch.Tensor, torch.Tensor], np.ndarray]]
 
     backend_name: ClassVar[str] = "antipers"
+    compares_photos: ClassVar[bool] = True  # meaningful where a defense changes photos
 
     def compare(self, protected: torch.Tensor, clean: torch.Tensor) -> np.ndarray:
         return type(self).fn(protected, clean)
