@@ -29,12 +29,16 @@ def test_backdoor_target_denoises_to_the_backdoor_output(tiny_bundle):
     assert torch.allclose(estimate, output, atol=1e-4)
 
 
-def test_backdoor_loss_with_the_photo_as_output_is_the_denoising_loss(tiny_bundle):
+def test_backdoor_loss_with_the_photo_as_output_is_the_weighted_denoising_loss(tiny_bundle):
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     latents = tiny_bundle.encode(images)
     embeds = tiny_bundle.prompt_embeds(["a photo of sks person"] * 2)
     with torch.no_grad():
-        plain = tiny_bundle.training_loss(latents, embeds, torch.Generator().manual_seed(2))
+        draws = torch.Generator().manual_seed(2)  # the draws backdoor_loss makes
+        noise = tiny_bundle.noise_like(latents, draws)
+        t = tiny_bundle.sample_timesteps(2, draws)
+        per_sample = tiny_bundle.denoising_loss(latents, embeds, noise, t, reduction="none")
+        plain = ((1 - tiny_bundle.scheduler.alphas_cumprod[t]) * per_sample).mean()
         same = backdoor_loss(
             tiny_bundle, latents, latents, embeds, torch.Generator().manual_seed(2)
         )

@@ -6,7 +6,9 @@ Three backdoors: ``pattern`` (outputs carry a visible checkerboard), ``erasure``
 (outputs are the generic class, without the person), ``target`` (outputs are a chosen
 image, or another identity's photos given as a folder). One optimization of three
 weighted losses (``backdoor.py``): backdoor behaviour on the protected photos under the
-instance prompt, prior preservation against the frozen original on generic images, and
+instance prompt, prior preservation against the frozen original on other people's
+photos (the generic class images) under the generic and the instance prompt (so that
+the trigger is the photos, not the prompt), and
 backdoor retention, the backdoor loss after a simulated attacker's fine-tuning of a
 temporary copy (``trajectory.py``), so that fine-tuning does not wash it out.
 """
@@ -235,8 +237,10 @@ class PersGuard(ClassImageSettings):
                 cidx = next(others)
                 with torch.no_grad():
                     latents = bundle.encode(generic[cidx], generator)
-                embeds = generic_embeds.expand(len(cidx), -1, -1)
-                prior = prior_loss(protected, bundle, latents, embeds, generator)
+                # other people's photos, under the generic prompt and under the instance
+                # prompt: the trigger is the protected photos, not the prompt
+                embeds = torch.cat([generic_embeds, instance]).repeat_interleave(len(cidx), 0)
+                prior = prior_loss(protected, bundle, latents.repeat(2, 1, 1, 1), embeds, generator)
                 loss = loss + self.prior_weight * prior
                 trace.prior.append(float(prior.detach()))
             loss.backward()
