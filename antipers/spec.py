@@ -105,6 +105,9 @@ _COMPONENTS: dict[str, Registry[Any]] = {
     "attack": ATTACKS,
     "sampling": SAMPLERS,
 }
+# the immunization track's question: do the published generations link back to the
+# person (rank-1 retrieval, ISM), and are they still good images
+IMMUNIZATION_METRICS = ["linkability", "ism", "brisque"]
 _REQUIRED = ("base_model", "dataset", "identity", "attack")
 _DEFAULTS: dict[str, Any] = {
     "suite": "default",
@@ -185,6 +188,8 @@ class ExperimentSpec:
             merged["countermeasure"], COUNTERMEASURES, "countermeasure"
         )
         metrics = merged["metrics"]
+        if "metrics" not in data and merged["track"] == "immunization":
+            metrics = IMMUNIZATION_METRICS
         if isinstance(metrics, (str, Mapping)) or not isinstance(metrics, (list, tuple)):
             raise SpecError(f"metrics: expected a list of metric names, got {metrics!r}")
         if not metrics:

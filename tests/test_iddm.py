@@ -134,6 +134,12 @@ def test_undefended_personalization_is_the_baseline_on_the_same_board(immunizati
     assert "subject_latent_distance" in board.visibility
 
 
+def test_the_immunization_track_scores_linkability_by_default():
+    spec = ExperimentSpec.from_dict({**tiny_spec_dict(track="immunization"), "defense": "none"})
+    assert {m.name for m in spec.metrics} == {"brisque", "ism", "linkability"}
+    assert {m.name for m in ExperimentSpec.from_dict(tiny_spec_dict()).metrics} == {"fdfr", "ism"}
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
