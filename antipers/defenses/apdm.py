@@ -13,7 +13,6 @@ through those gradients.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +25,12 @@ from antipers.attacks.training import TrainConfig, TrainData, batch_indices
 from antipers.data.identity import IdentitySet
 from antipers.defenses.base import Protected
 from antipers.defenses.dpo import preference_loss
-from antipers.defenses.model_folder import protect_once, trainable_unet
+from antipers.defenses.model_folder import (
+    content_hash,
+    protect_once,
+    protection_record,
+    trainable_unet,
+)
 from antipers.defenses.trajectory import Trajectory, add_gradients
 from antipers.models.bundle import DiffusionBundle
 
@@ -88,19 +92,11 @@ class APDM(ClassImageSettings):
         return self.generic_images(bundle, resolution)
 
     def record(self, identity: IdentitySet, bundle: DiffusionBundle) -> dict[str, object]:
-        """What determines the protected weights: written beside them, checked on reuse."""
-        photos = hashlib.sha256(identity.set_B.cpu().numpy().tobytes()).hexdigest()[:16]
         params = {k: v for k, v in asdict(self).items() if k != "save_to"}
         if self.paired_dir:
             paired = self.paired_images(bundle, identity.set_B.shape[-1])
-            params["paired_dir"] = hashlib.sha256(paired.numpy().tobytes()).hexdigest()[:16]
-        return {
-            "defense": "apdm",
-            "params": params,
-            "identity": f"{identity.dataset}/{identity.identity}",
-            "photos": photos,
-            "base_model": bundle.fingerprint or bundle.name,
-        }
+            params["paired_dir"] = content_hash(paired)
+        return protection_record("apdm", params, identity, bundle)
 
     # -- the defense -----------------------------------------------------------------
     def protect(

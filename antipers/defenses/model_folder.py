@@ -16,10 +16,29 @@ from typing import Any
 
 import torch
 
+from antipers.data.identity import IdentitySet
 from antipers.models.bundle import DiffusionBundle
 
 log = logging.getLogger(__name__)
 RECORD = "protection.json"
+
+
+def content_hash(images: torch.Tensor) -> str:
+    return hashlib.sha256(images.cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def protection_record(
+    defense: str, params: dict[str, Any], identity: IdentitySet, bundle: DiffusionBundle
+) -> dict[str, object]:
+    """What determines a protected model (settings, whose photos, which base model):
+    written beside its weights, checked on reuse."""
+    return {
+        "defense": defense,
+        "params": params,
+        "identity": f"{identity.dataset}/{identity.identity}",
+        "photos": content_hash(identity.set_B),
+        "base_model": bundle.fingerprint or bundle.name,
+    }
 
 
 def trainable_unet(

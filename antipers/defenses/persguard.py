@@ -15,7 +15,6 @@ temporary copy (``trajectory.py``), so that fine-tuning does not wash it out.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +28,12 @@ from antipers.attacks.training import TrainConfig, TrainData, batch_indices
 from antipers.data.identity import IdentitySet
 from antipers.defenses.backdoor import backdoor_loss, prior_loss
 from antipers.defenses.base import Protected
-from antipers.defenses.model_folder import protect_once, trainable_unet
+from antipers.defenses.model_folder import (
+    content_hash,
+    protect_once,
+    protection_record,
+    trainable_unet,
+)
 from antipers.defenses.trajectory import Trajectory, add_gradients
 from antipers.images import IMAGE_SUFFIXES, read_images
 from antipers.metrics.base import MetricResult
@@ -177,15 +181,8 @@ class PersGuard(ClassImageSettings):
     def record(self, identity: IdentitySet, bundle: DiffusionBundle) -> dict[str, object]:
         params = {k: v for k, v in asdict(self).items() if k != "save_to"}
         if self.backdoor == "target":
-            target = self.outputs(identity.set_B, bundle)
-            params["target_image"] = hashlib.sha256(target.cpu().numpy().tobytes()).hexdigest()[:16]
-        return {
-            "defense": "persguard",
-            "params": params,
-            "identity": f"{identity.dataset}/{identity.identity}",
-            "photos": hashlib.sha256(identity.set_B.cpu().numpy().tobytes()).hexdigest()[:16],
-            "base_model": bundle.fingerprint or bundle.name,
-        }
+            params["target_image"] = content_hash(self.outputs(identity.set_B, bundle))
+        return protection_record("persguard", params, identity, bundle)
 
     def protect(
         self, identity: IdentitySet, bundle: DiffusionBundle, generator: torch.Generator
