@@ -14,7 +14,7 @@ through those gradients.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -92,11 +92,10 @@ class APDM(ClassImageSettings):
         return self.generic_images(bundle, resolution)
 
     def record(self, identity: IdentitySet, bundle: DiffusionBundle) -> dict[str, object]:
-        params = {k: v for k, v in asdict(self).items() if k != "save_to"}
-        if self.paired_dir:
-            paired = self.paired_images(bundle, identity.set_B.shape[-1])
-            params["paired_dir"] = content_hash(paired)
-        return protection_record("apdm", params, identity, bundle)
+        if not self.paired_dir:
+            return protection_record("apdm", self, identity, bundle)
+        paired = self.paired_images(bundle, identity.set_B.shape[-1])
+        return protection_record("apdm", self, identity, bundle, paired_dir=content_hash(paired))
 
     # -- the defense -----------------------------------------------------------------
     def protect(

@@ -5,6 +5,7 @@ model. A run with the same record reuses the folder instead of protecting again.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -28,13 +29,19 @@ def content_hash(images: torch.Tensor) -> str:
 
 
 def protection_record(
-    defense: str, params: dict[str, Any], identity: IdentitySet, bundle: DiffusionBundle
+    defense: str,
+    settings: Any,
+    identity: IdentitySet,
+    bundle: DiffusionBundle,
+    **inputs: str,
 ) -> dict[str, object]:
-    """What determines a protected model (settings, whose photos, which base model):
-    written beside its weights, checked on reuse."""
+    """What determines a protected model (the defense's settings but where it is saved,
+    the content of inputs named by path, whose photos, which base model): written
+    beside its weights, checked on reuse."""
+    params = {k: v for k, v in dataclasses.asdict(settings).items() if k != "save_to"}
     return {
         "defense": defense,
-        "params": params,
+        "params": {**params, **inputs},
         "identity": f"{identity.dataset}/{identity.identity}",
         "photos": content_hash(identity.set_B),
         "base_model": bundle.fingerprint or bundle.name,

@@ -16,7 +16,7 @@ temporary copy (``trajectory.py``), so that fine-tuning does not wash it out.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -179,10 +179,10 @@ class PersGuard(ClassImageSettings):
         return chosen[picks].to(photos.device)
 
     def record(self, identity: IdentitySet, bundle: DiffusionBundle) -> dict[str, object]:
-        params = {k: v for k, v in asdict(self).items() if k != "save_to"}
-        if self.backdoor == "target":
-            params["target_image"] = content_hash(self.outputs(identity.set_B, bundle))
-        return protection_record("persguard", params, identity, bundle)
+        if self.backdoor != "target":
+            return protection_record("persguard", self, identity, bundle)
+        target = content_hash(self.outputs(identity.set_B, bundle))
+        return protection_record("persguard", self, identity, bundle, target_image=target)
 
     def protect(
         self, identity: IdentitySet, bundle: DiffusionBundle, generator: torch.Generator
