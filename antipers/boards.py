@@ -35,9 +35,20 @@ class BoardRules:
     baseline: str = "none"  # the undefended configuration
     # baseline numbers that mean the attack did not learn the person: metric -> bound
     attack_failed: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    # the same, for numbers of one backend (an offline ISM is not ArcFace's): backend ->
+    # metric -> bound, taking precedence over ``attack_failed`` where that backend scored
+    attack_failed_by_backend: Mapping[str, Mapping[str, Mapping[str, float]]] = field(
+        default_factory=dict
+    )
     confidence: float = 0.95
     resamples: int = 2000
     seed: int = 0
+
+    def failure_bound(self, metric: str, backend: str) -> tuple[str, float] | None:
+        """(side, threshold) under which ``metric`` by ``backend`` says the attack failed."""
+        bound = self.attack_failed_by_backend.get(backend, {}).get(metric)
+        bound = bound or self.attack_failed.get(metric)
+        return next(iter(bound.items())) if bound else None
 
     def higher_is_better(self, metric: str, from_rows: bool | None) -> bool | None:
         """Better for the defense; the boards file wins over what the rows say."""
@@ -84,6 +95,10 @@ def _rules_fields(raw: Any, where: str) -> dict[str, Any]:
             out[name] = dict(value)
         elif name == "attack_failed":
             out[name] = _bounds(value, here)
+        elif name == "attack_failed_by_backend":
+            if not isinstance(value, Mapping):
+                raise SpecError(f"{here}: expected backend: {{metric: {{below: x}}}}")
+            out[name] = {str(b): _bounds(v, f"{here}.{b}") for b, v in value.items()}
         elif name == "baseline":
             if not isinstance(value, str):
                 raise SpecError(f"{here}: expected a defense name")

@@ -295,6 +295,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if report.failed == 0 else 1
 
 
+def cmd_train_mini(args: argparse.Namespace) -> int:
+    from antipers.models.train_mini import MiniTrainConfig, train_mini
+
+    overrides = {
+        name: getattr(args, name)
+        for name in ("seed", "pool", "vae_steps", "unet_steps")
+        if getattr(args, name) is not None
+    }
+    config = MiniTrainConfig(**overrides)
+    folder = train_mini(Path(args.out), config, _device(args.device))
+    print(f"wrote {folder} (checkpoints and loss log in {Path(args.out) / 'work'})")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from antipers.report import write_report
 
@@ -479,6 +493,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="antipers-demo", help="result store (default antipers-demo/)")
     _cluster_arguments(p)
     p.set_defaults(func=cmd_demo)
+
+    models = sub.add_parser("models", help="antipers' own base models: train mini-faces")
+    msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    p = msub.add_parser(
+        "train-mini",
+        help="train mini-faces (the shipped weights, by default settings); resumes from DIR/work",
+    )
+    p.add_argument("--out", required=True, help="writes DIR/mini-faces and DIR/work (checkpoints)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, help="default 0 (the shipped weights)")
+    p.add_argument("--pool", type=int, help="training faces (default 24576)")
+    p.add_argument("--vae-steps", type=int, help="VAE optimizer steps (default 1000)")
+    p.add_argument("--unet-steps", type=int, help="UNet optimizer steps (default 3200)")
+    p.set_defaults(func=cmd_train_mini)
 
     p = sub.add_parser("list", help="registered components with their parameters and defaults")
     p.add_argument("kind", nargs="?", choices=list(REGISTRIES), help="one kind only")

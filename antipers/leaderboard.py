@@ -49,6 +49,48 @@ def summary_table(
     return table.reset_index()
 
 
+def verdicts(rows: pd.DataFrame, baseline: str = "none") -> list[str]:
+    """One computed sentence per defense: what it did to the attack's linkability and
+    ISM against the undefended baseline, and what it cost (budget, PSNR)."""
+    table = summary_table(rows, by=("defense", "countermeasure", "attack"))
+    if table.empty:
+        return []
+    table = table[table["countermeasure"] == NO_COUNTERMEASURE]
+    column = {c.split(" ")[0]: c for c in table.columns}
+    out = []
+    for attack, group in table.groupby("attack"):
+        by = group.set_index("defense")
+        if baseline not in by.index:
+            continue
+        base = by.loc[baseline]
+        for defense in by.index.drop(baseline):
+            parts = []
+            for metric in ("linkability", "ism"):
+                if metric in column and pd.notna(by.loc[defense, column[metric]]):
+                    before, after = base[column[metric]], by.loc[defense, column[metric]]
+                    verb = "lowered" if after < before else "did not lower"
+                    parts.append(f"{verb} {metric} from {before:.2f} to {after:.2f}")
+            if not parts:
+                continue
+            cost = []
+            budget = _budget(rows, defense)
+            if budget:
+                cost.append(budget)
+            if "psnr" in column and pd.notna(by.loc[defense, column["psnr"]]):
+                cost.append(f"PSNR {by.loc[defense, column['psnr']]:.1f} dB")
+            suffix = f" ({', '.join(cost)})" if cost else ""
+            out.append(f"{defense} {' and '.join(parts)} against {attack}{suffix}")
+    return out
+
+
+def _budget(rows: pd.DataFrame, defense: str) -> str:
+    params = rows.loc[rows["defense"] == defense, "defense_params"].dropna()
+    if params.empty:
+        return ""
+    eps = json.loads(params.iloc[0]).get("eps")
+    return f"{eps:g}/255" if isinstance(eps, int | float) else ""
+
+
 def missing_metrics(rows: pd.DataFrame) -> pd.DataFrame:
     """Metrics that gave no value (unavailable or failed), with how often and why:
     a table must never hide that a column is absent."""
@@ -140,7 +182,7 @@ def _config_labels(experiments: pd.DataFrame) -> dict[tuple[str, str], str]:
     return labels
 
 
-def _interval(values: np.ndarray, rules: BoardRules) -> tuple[float, float]:
+def mean_interval(values: np.ndarray, rules: BoardRules) -> tuple[float, float]:
     """Percentile bootstrap of the mean over identities (none below two identities)."""
     if len(values) < 2:
         return math.nan, math.nan
@@ -262,7 +304,7 @@ def _board(
                 values = plain.xs((config, metric), level=("config", "metric")).dropna().to_numpy()
             except KeyError:
                 values = np.array([])
-            low, high = _interval(values, rules)
+            low, high = mean_interval(values, rules)
             means.append(values.mean() if len(values) else math.nan)
             lows.append(low)
             highs.append(high)
@@ -297,12 +339,13 @@ def _board(
     board = Board(
         key, rules, primary, higher, metrics, visibility, table, by_cm, identities, direction
     )
-    _check_baseline(board, table, direction)
+    backends = rows.groupby("metric")["backend"].first().to_dict()  # one per board
+    _check_baseline(board, table, backends)
     _count(board, rows, failed)
     return board
 
 
-def _check_baseline(board: Board, table: pd.DataFrame, direction: dict[str, bool | None]) -> None:
+def _check_baseline(board: Board, table: pd.DataFrame, backends: dict[str, str]) -> None:
     """RobustBench's sanity check: if the undefended baseline shows that the attack did
     not learn the person, no defense on the board can be credited."""
     rules = board.rules
@@ -315,17 +358,24 @@ def _check_baseline(board: Board, table: pd.DataFrame, direction: dict[str, bool
         )
         return
     board.baseline = "works"
-    for metric, bound in rules.attack_failed.items():
+    by_backend = rules.attack_failed_by_backend.values()
+    metrics = {*rules.attack_failed, *(m for bounds in by_backend for m in bounds)}
+    for metric in sorted(metrics):
         column = f"{metric}_mean"
         if column not in baseline or baseline[column].isna().all():
             continue
+        backend = backends.get(metric, "")
+        bound = rules.failure_bound(metric, backend)
+        if bound is None:
+            continue
         value = float(baseline[column].mean())
-        ((side, threshold),) = bound.items()
+        side, threshold = bound
         if (side == "below" and value < threshold) or (side == "above" and value > threshold):
             board.baseline = "failed"
             board.flags.append(
                 f"unreliable: the undefended baseline's {metric.upper()} is {value:.3f} "
-                f"({side} {threshold:g}), so the attack did not learn the person"
+                f"({side} {threshold:g} for {backend or 'any backend'}), so the attack did "
+                "not learn the person"
             )
 
 

@@ -116,7 +116,7 @@ class RunContext:
         return self._galleries[key]
 
 
-def _rng(seed: int, stage: str) -> torch.Generator:
+def stage_rng(seed: int, stage: str) -> torch.Generator:
     """An independent, reproducible stream per stage: changing the attack's step count
     does not change the noise the sampler draws."""
     offset = STAGES.index(stage) * 1_000_003
@@ -223,7 +223,8 @@ def protect_stage(spec: ExperimentSpec, ctx: RunContext, say: ProgressFn) -> Han
         if hasattr(countermeasure, "check"):
             countermeasure.check(identity)
     say("protect")
-    protected = spec.defense.build(DEFENSES).protect(identity, bundle, _rng(spec.seed, "protect"))
+    defense = spec.defense.build(DEFENSES)
+    protected = defense.protect(identity, bundle, stage_rng(spec.seed, "protect"))
     check_images(protected.images, f"defense {spec.defense.name!r} output")
     handoff = Handoff(
         started=started,
@@ -245,7 +246,7 @@ def attack_stage(
     with _timed(handoff, "attack", ctx):
         say("countermeasure")
         bundle = ctx.base_model(spec.base_model)
-        env = AttackEnv(bundle, ctx.identity(spec), _rng(spec.seed, "countermeasure"))
+        env = AttackEnv(bundle, ctx.identity(spec), stage_rng(spec.seed, "countermeasure"))
         train_images = handoff.protected.to(ctx.device)
         for cspec in spec.countermeasure:
             train_images = cspec.build(COUNTERMEASURES).apply(train_images, env)
@@ -256,13 +257,15 @@ def attack_stage(
         say("personalize")
         if handoff.personalizer is not None:
             personalized, checks = handoff.personalizer.personalize(
-                train_images, model, attack, _rng(spec.seed, "personalize"), ctx.identity(spec)
+                train_images, model, attack, stage_rng(spec.seed, "personalize"), ctx.identity(spec)
             )
             handoff.checks += checks
         else:
-            personalized = attack.personalize(train_images, model, _rng(spec.seed, "personalize"))
+            rng = stage_rng(spec.seed, "personalize")
+            personalized = attack.personalize(train_images, model, rng)
         say("sample")
-        handoff.generated = sampler.sample(personalized, spec.resolution, _rng(spec.seed, "sample"))
+        rng = stage_rng(spec.seed, "sample")
+        handoff.generated = sampler.sample(personalized, spec.resolution, rng)
         handoff.prompts = sampler.image_prompts()
         if spec.track == "model":
             _model_track(spec, ctx, handoff, model, attack, sampler, say)
@@ -287,15 +290,15 @@ def _model_track(
     other = model_track.bystander_of(spec, ctx.dataset(spec.dataset).identities())
     say(f"personalize bystander {other}")
     photos = ctx.person(spec.dataset, other, spec.resolution).set_B.to(ctx.device)
-    theirs = attack.personalize(photos, model, _rng(spec.seed, "personalize"))
-    generated = sampler.sample(theirs, spec.resolution, _rng(spec.seed, "sample"))
+    theirs = attack.personalize(photos, model, stage_rng(spec.seed, "personalize"))
+    generated = sampler.sample(theirs, spec.resolution, stage_rng(spec.seed, "sample"))
     handoff.bystander = Bystander(other, generated, list(sampler.image_prompts()))
     held_out = model_track.held_out_images(base, attack, spec.resolution)
     handoff.utility = [model_track.generic_loss(model, base, held_out)]
     if any(m.name in model_track.PROMPT_SET_METRICS for m in spec.metrics):
         say("sample generic prompts")
         images, prompts = model_track.generic_generations(
-            model, sampler, spec.resolution, _rng(spec.seed, "sample")
+            model, sampler, spec.resolution, stage_rng(spec.seed, "sample")
         )
         handoff.generic = (images.cpu(), list(prompts), held_out.cpu())
 

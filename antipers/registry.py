@@ -232,6 +232,7 @@ REGISTRIES: dict[str, Registry[Any]] = {
 
 for _name, _target in [
     ("tiny", "antipers.models.tiny:TinyModel"),
+    ("mini-faces", "antipers.models.mini_faces:MiniFaces"),
     ("sd15-arch", "antipers.models.arch:SD15Arch"),
     ("sd21-arch", "antipers.models.arch:SD21Arch"),
     ("diffusers", "antipers.models.local:DiffusersFolder"),

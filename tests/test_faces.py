@@ -79,3 +79,22 @@ def test_references_without_any_face_are_an_error():
 
 def test_backend_is_resident():
     assert face_backend("offline") is face_backend("offline")
+
+
+def test_small_images_are_analysed_upscaled_with_boxes_in_their_own_coordinates():
+    """At 64 px RetinaFace-MobileNet misses some synthetic faces; on the 128 px upscale it
+    finds them. Boxes come back in the 64 px image's coordinates (SER-FIQ and the
+    scoring service crop with them)."""
+    from antipers.metrics.faces import upscaled
+
+    arr = np.zeros((64, 48, 3), np.uint8)
+    big, factor = upscaled(arr, 128)
+    assert factor == 3 and big.shape == (192, 144, 3)
+    assert upscaled(np.zeros((200, 300, 3), np.uint8), 128)[1] == 1
+
+    photos = torch.cat([SyntheticDataset(n_identities=8).faces(i, 64)[:4] for i in range(8)])
+    boxes = face_backend("offline").detect(photos)
+    assert sum(b is None for b in boxes) == 0
+    for box in boxes:
+        assert 0 <= box.x1 < box.x2 <= 64 and 0 <= box.y1 < box.y2 <= 64
+        assert (box.landmarks >= 0).all() and (box.landmarks <= 64).all()

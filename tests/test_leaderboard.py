@@ -325,3 +325,34 @@ def test_model_track_subjects_become_utility_columns(tmp_path):
     assert table.loc["apdm", "ism (unprotected)_mean"] == pytest.approx(0.55)
     assert (table["identities"] == 3).all()  # the bystander is not a fourth identity
     assert board.directions["ism (unprotected)"] is True
+
+
+def test_baseline_bounds_are_calibrated_per_backend(tmp_path):
+    """dlib's cosine between strangers is high: an offline ISM of 0.6 means the attack
+    failed, while the same number from ArcFace means it worked."""
+    rules = load_boards().defaults
+    offline = "offline-retinaface-dlib"
+    side, bound = rules.failure_bound("ism", offline)
+    assert side == "below" and bound > 0.8
+    assert rules.failure_bound("ism", "insightface-buffalo_l") == ("below", 0.4)
+    store = build_store(tmp_path / "a", backend=offline, baseline_ism=0.6, identities=3, seeds=(0,))
+    (board,), _ = build_boards(store.load(), load_boards())
+    assert board.baseline == "failed"
+    assert any(f"below {bound:g} for {offline}" in f for f in board.flags)
+    store = build_store(
+        tmp_path / "b", backend="insightface-buffalo_l", baseline_ism=0.6, identities=3, seeds=(0,)
+    )
+    (board,), _ = build_boards(store.load(), load_boards())
+    assert board.baseline == "works"
+    store = build_store(
+        tmp_path / "c", backend=offline, baseline_ism=bound + 0.05, identities=3, seeds=(0,)
+    )
+    (board,), _ = build_boards(store.load(), load_boards())
+    assert board.baseline == "works"
+
+
+def test_per_backend_bounds_are_checked_when_loaded(tmp_path):
+    bad = tmp_path / "boards.yaml"
+    bad.write_text("defaults:\n  attack_failed_by_backend:\n    offline: {ism: {under: 0.9}}\n")
+    with pytest.raises(SpecError, match="attack_failed_by_backend.offline.ism"):
+        load_boards(bad)

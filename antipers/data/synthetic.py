@@ -22,6 +22,15 @@ from antipers.images import quantize, resize
 LATENT_DIM = 100
 PREFIX = "synth-"
 
+# Seed streams. Identity ``i`` of a dataset with seed ``s`` draws its latents from a
+# generator seeded ``s * IDENTITY_STRIDE + i``; with ``s < MAX_DATASET_SEED`` and
+# ``i < IDENTITY_STRIDE`` those seeds stay below 2**52. The faces ``mini-faces`` is
+# trained on come from seeds at ``TRAINING_SEED_BASE`` and up, so no evaluation
+# identity is a person the model saw.
+IDENTITY_STRIDE = 1_000_003
+MAX_DATASET_SEED = 2**31
+TRAINING_SEED_BASE = 2**62
+
 
 @functools.lru_cache(maxsize=1)
 def face_generator() -> Any:
@@ -54,6 +63,13 @@ class SyntheticDataset:
             raise ValueError("synthetic: n_identities and photos_per_set must be >= 1")
         if not 0 <= self.nudge <= 2:
             raise ValueError(f"synthetic.nudge: expected a value in [0, 2], got {self.nudge}")
+        if not 0 <= self.seed < MAX_DATASET_SEED:
+            raise ValueError(f"synthetic.seed: expected 0 <= seed < 2**31, got {self.seed}")
+        if self.n_identities > IDENTITY_STRIDE:
+            raise ValueError(
+                f"synthetic.n_identities: expected at most {IDENTITY_STRIDE}, "
+                f"got {self.n_identities}"
+            )
 
     def identities(self) -> list[str]:
         return [f"{PREFIX}{i:04d}" for i in range(self.n_identities)]
@@ -70,14 +86,11 @@ class SyntheticDataset:
 
     def faces(self, index: int, resolution: int) -> torch.Tensor:
         """``3 * photos_per_set`` photos of identity ``index`` at ``resolution``."""
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        gen = torch.Generator().manual_seed(identity_seed(self.seed, index))
         base = torch.randn(1, LATENT_DIM, generator=gen)
         n = len(SETS) * self.photos_per_set
         latents = base + self.nudge * torch.randn(n, LATENT_DIM, generator=gen)
-        with torch.no_grad():
-            faces = face_generator()(latents[:, :, None, None])
-        # on the 8-bit grid, like any published photo read back from a PNG
-        return quantize(resize(((faces + 1.0) / 2.0).clamp(0, 1), resolution))
+        return generate(latents, resolution)
 
     def load(self, identity: str, resolution: int) -> IdentitySet:
         faces = self.faces(self.index(identity), resolution)
@@ -89,3 +102,31 @@ class SyntheticDataset:
             **sets,
             sources={name: (f"synthetic:seed={self.seed}",) * k for name in SETS},
         )
+
+
+def identity_seed(dataset_seed: int, index: int) -> int:
+    return dataset_seed * IDENTITY_STRIDE + index
+
+
+def generate(latents: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Generator faces for ``(N, 100)`` latents, on the 8-bit grid like any published
+    photo read back from a PNG."""
+    with torch.no_grad():
+        faces = face_generator()(latents[:, :, None, None])
+    return quantize(resize(((faces + 1.0) / 2.0).clamp(0, 1), resolution))
+
+
+def training_seeds(start: int, count: int) -> range:
+    """Seeds of the faces ``mini-faces`` trains on: one person each, none an identity."""
+    return range(TRAINING_SEED_BASE + start, TRAINING_SEED_BASE + start + count)
+
+
+def training_faces(start: int, count: int, resolution: int = 64) -> torch.Tensor:
+    """``count`` different people, face ``k`` from its own seed ``training_seeds(k)``."""
+    latents = torch.cat(
+        [
+            torch.randn(1, LATENT_DIM, generator=torch.Generator().manual_seed(seed))
+            for seed in training_seeds(start, count)
+        ]
+    )
+    return generate(latents, resolution)

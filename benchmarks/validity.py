@@ -1,0 +1,275 @@
+"""Does the benchmark measure what it should? The miniature of the field's main table.
+
+On ``mini-faces`` (``antipers/campaigns/validity.yaml``): for each attacker and
+countermeasure, each defense's FDFR, ISM, linkability, BRISQUE and the protected
+photos' PSNR, as means over identities with 95% percentile-bootstrap intervals, and a
+floor row: the base model's own generations, with no personalization. Then the
+checks the issue asks for (the base model makes faces, the undefended attack learns
+the person, ASPL's effect with its intervals apart), each printed with its numbers,
+and the ISM calibration of the offline face backend.
+
+    python benchmarks/validity.py [--store validity-store] [--identities 8]
+        [--defenses none,aspl] [--attacks lora] [--countermeasures none,jpeg]
+
+Every experiment lands in the store (a rerun skips what is there); a defense runs
+once per identity and its photos serve every attacker and countermeasure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from antipers.boards import load_boards
+from antipers.campaign import load_campaign
+from antipers.leaderboard import mean_interval
+from antipers.pipeline import (
+    Handoff,
+    RunContext,
+    attack_stage,
+    describe_error,
+    error_rows,
+    experiment_rows,
+    protect_stage,
+    score_stage,
+    stage_rng,
+)
+from antipers.registry import SAMPLERS
+from antipers.results import ResultStore
+
+CAMPAIGN = Path(__file__).resolve().parents[1] / "antipers" / "campaigns" / "validity.yaml"
+METRICS = ("fdfr", "ism", "linkability", "brisque", "psnr")
+FLOOR = "floor (no personalization)"
+
+
+def protection_key(spec) -> str:
+    """What a defense's output depends on: everything but the attacker's side."""
+    return spec.override({"attack": "dreambooth", "countermeasure": "none"}).spec_id
+
+
+def run(specs, store: ResultStore, ctx: RunContext) -> None:
+    done = store.finished_ids()
+    groups = defaultdict(list)
+    for spec in specs:
+        if spec.spec_id not in done:
+            groups[protection_key(spec)].append(spec)
+    total = sum(map(len, groups.values()))
+    count = 0
+    for group in groups.values():
+        first = group[0]
+        print(f"  protect {first.identity} {first.defense.name}", file=sys.stderr, flush=True)
+        try:
+            protected = protect_stage(first, ctx, lambda stage: None)
+        except Exception as exc:
+            for spec in group:
+                store.write(error_rows(spec, now(), describe_error(exc), 0.0, ctx.name))
+            continue
+        for spec in group:
+            count += 1
+            handoff = dataclasses.replace(
+                protected, checks=list(protected.checks), workers=list(protected.workers)
+            )
+            try:
+                handoff = attack_stage(spec, ctx, handoff, lambda stage: None)
+                handoff = score_stage(spec, ctx, handoff, lambda stage: None)
+                rows = experiment_rows(spec, handoff)
+            except Exception as exc:
+                rows = error_rows(spec, handoff.started, describe_error(exc), 0.0, ctx.name)
+            store.write(rows)
+            print(
+                f"  [{count}/{total}] {spec.identity} {spec.defense.name} {spec.attack.name} "
+                f"{spec.countermeasure_name} ({handoff.seconds:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def floor(specs, store: ResultStore, ctx: RunContext) -> None:
+    """The base model's own generations of each identity's prompts, scored like an
+    attack's: what the metrics read when nothing learned the person."""
+    done = store.finished_ids()
+    for spec in {s.identity: s for s in specs if s.defense.name == "none"}.values():
+        spec = spec.override({"suite": "validity-floor", "countermeasure": "none"})
+        if spec.spec_id in done:
+            continue
+        identity = ctx.identity(spec)
+        sampler = spec.sampling.build(SAMPLERS)
+        bundle = ctx.base_model(spec.base_model)
+        handoff = Handoff(started=now(), protected=identity.set_B)
+        handoff.generated = sampler.sample(bundle, spec.resolution, stage_rng(spec.seed, "sample"))
+        handoff.prompts = list(sampler.image_prompts())
+        handoff = score_stage(spec, ctx, handoff, lambda stage: None)
+        store.write(experiment_rows(spec, handoff))
+
+
+def table(rows: pd.DataFrame, floor_rows: pd.DataFrame) -> pd.DataFrame:
+    rules = load_boards().defaults
+    agg = rows[(rows["image_index"] == -1) & (rows["status"] == "ok")]
+    agg = agg[agg["metric"].isin(METRICS)]
+    out = []
+    keys = ["attack", "countermeasure", "defense"]
+    order = {d: i for i, d in enumerate(["none", "aspl", "fsmg", "simac", "cap-aspl"])}
+    for values, group in agg.groupby(keys, sort=False):
+        out.append(_line(dict(zip(keys, values, strict=True)), group, rules))
+    fl = floor_rows[(floor_rows["image_index"] == -1) & (floor_rows["status"] == "ok")]
+    if not fl.empty:
+        out.append(_line({"attack": "-", "countermeasure": "-", "defense": FLOOR}, fl, rules))
+    frame = pd.DataFrame(out)
+    frame["_o"] = frame["defense"].map(order).fillna(99)
+    return frame.sort_values(["attack", "countermeasure", "_o"]).drop(columns="_o")
+
+
+def _line(key: dict, group: pd.DataFrame, rules) -> dict:
+    line = dict(key)
+    line["n"] = group["identity"].nunique()
+    for metric in METRICS:
+        per_identity = group[group["metric"] == metric].groupby("identity")["value"].mean()
+        values = per_identity.dropna().to_numpy()
+        low, high = mean_interval(values, rules)
+        line[metric] = values.mean() if len(values) else np.nan
+        line[f"{metric}_lo"], line[f"{metric}_hi"] = low, high
+    return line
+
+
+def show(frame: pd.DataFrame) -> str:
+    def cell(r, m):
+        if pd.isna(r[m]):
+            return "-"
+        digits = 1 if m in ("brisque", "psnr") else 3
+        return f"{r[m]:.{digits}f} [{r[m + '_lo']:.{digits}f}, {r[m + '_hi']:.{digits}f}]"
+
+    head = ["attack", "countermeasure", "defense", "n", *METRICS]
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for _, r in frame.iterrows():
+        lines.append(
+            " | ".join(
+                [r["attack"], r["countermeasure"], r["defense"], str(r["n"])]
+                + [cell(r, m) for m in METRICS]
+            )
+        )
+    return "\n".join(lines)
+
+
+def apart(a: pd.Series, b: pd.Series, metric: str) -> bool:
+    """Intervals that do not overlap."""
+    return bool(a[f"{metric}_hi"] < b[f"{metric}_lo"] or b[f"{metric}_hi"] < a[f"{metric}_lo"])
+
+
+def checks(frame: pd.DataFrame) -> list[str]:
+    out = []
+    fl = frame[frame["defense"] == FLOOR]
+    if not fl.empty:
+        f = fl.iloc[0]
+        out.append(f"base model makes faces: FDFR {f['fdfr']:.3f} (<= 0.2: {f['fdfr'] <= 0.2})")
+    for (attack, cm), group in frame[frame["defense"] != FLOOR].groupby(
+        ["attack", "countermeasure"]
+    ):
+        by = group.set_index("defense")
+        if "none" not in by.index:
+            continue
+        n = by.loc["none"]
+        if cm == "none" and not fl.empty:
+            out.append(
+                f"{attack}: undefended linkability {n['linkability']:.3f} (>= 0.6: "
+                f"{n['linkability'] >= 0.6}; floor {f['linkability']:.3f}), ISM {n['ism']:.3f} "
+                f"vs floor {f['ism']:.3f}, intervals apart: {apart(n, f, 'ism')}"
+            )
+        for defense in by.index.drop("none"):
+            d = by.loc[defense]
+            out.append(
+                f"{attack} / {cm}: {defense} ISM {n['ism']:.3f} -> {d['ism']:.3f} "
+                f"(apart: {apart(n, d, 'ism')}), linkability {n['linkability']:.3f} -> "
+                f"{d['linkability']:.3f} (apart: {apart(n, d, 'linkability')}), "
+                f"PSNR {d['psnr']:.1f} dB"
+            )
+    return out
+
+
+def calibrate(identities: int = 16, backend: str = "offline") -> None:
+    """Per-photo ISM of each person's set_B and set_C photos against their own set_A mean
+    (same person) and against every other person's (different person): where the
+    boards' baseline bound for this backend comes from."""
+    from antipers.data.synthetic import SyntheticDataset
+    from antipers.metrics.faces import face_backend
+    from antipers.metrics.identity import mean_embedding
+
+    dataset = SyntheticDataset(n_identities=identities)
+    people = [dataset.load(name, 64) for name in dataset.identities()]
+    means = [mean_embedding(p.set_A, backend, "references")[0] for p in people]
+    faces = face_backend(backend)
+    same, other = [], []
+    for i, person in enumerate(people):
+        emb = faces.embed(torch.cat([person.set_B, person.set_C]))
+        emb = emb[~np.isnan(emb).any(axis=1)]
+        for j, mean in enumerate(means):
+            (same if i == j else other).extend(emb @ mean)
+    q = [0.05, 0.5, 0.95, 0.99]
+    print(f"ISM calibration ({faces.name}, {identities} synthetic people, 64 px)")
+    print("which | photos | " + " | ".join(f"q{int(x * 100)}" for x in q))
+    print("--- | --- | " + " | ".join("---" for _ in q))
+    for name, values in (("same person", same), ("different person", other)):
+        cells = " | ".join(f"{v:.3f}" for v in np.quantile(values, q))
+        print(f"{name} | {len(values)} | {cells}")
+    print(f"baseline bound (different-person q95): {np.quantile(other, 0.95):.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--campaign", default=str(CAMPAIGN))
+    parser.add_argument("--store", default="validity-store")
+    parser.add_argument("--identities", type=int, help="the first N identities only")
+    parser.add_argument("--defenses", help="comma-separated subset")
+    parser.add_argument("--attacks", help="comma-separated subset")
+    parser.add_argument("--countermeasures", help="comma-separated subset (none, jpeg, purify)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument(
+        "--calibrate", action="store_true", help="only the ISM calibration of the face backend"
+    )
+    args = parser.parse_args(argv)
+    if args.calibrate:
+        calibrate()
+        return 0
+
+    from antipers.device import pick_device
+
+    specs = list(load_campaign(args.campaign).specs)
+    identities = sorted({s.identity for s in specs})[: args.identities or None]
+    specs = [s for s in specs if s.identity in identities]
+    for field, attr in (("defenses", "defense"), ("attacks", "attack")):
+        if getattr(args, field):
+            keep = set(getattr(args, field).split(","))
+            specs = [s for s in specs if getattr(s, attr).name in keep]
+    if args.countermeasures:
+        keep = set(args.countermeasures.split(","))
+        specs = [s for s in specs if s.countermeasure_name.split("+")[0] in keep]
+    store = ResultStore(args.store)
+    floor_store = ResultStore(str(Path(args.store) / "floor"))
+    ctx = RunContext(device=pick_device(args.device))
+    print(f"{len(specs)} experiments on {len(identities)} identities", file=sys.stderr)
+    run(specs, store, ctx)
+    floor(specs, floor_store, ctx)
+    wanted = {s.spec_id for s in specs}
+    rows = store.load()
+    rows = rows[rows["spec_id"].isin(wanted)]
+    frame = table(rows, floor_store.load())
+    print(show(frame))
+    print()
+    for line in checks(frame):
+        print("- " + line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
