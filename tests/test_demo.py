@@ -22,7 +22,7 @@ def test_demo_campaign_is_embedded_and_small():
     assert (REPO / "campaigns" / "demo.yaml").resolve() == demo_path().resolve()
     specs = campaign.specs
     assert {s.base_model.name for s in specs} == {"mini-faces"}
-    assert {s.attack.name for s in specs} == {"lora"}
+    assert {s.attack.name for s in specs} == {"dreambooth"}
     assert {"none", "aspl", "cap-aspl"} <= {s.defense.name for s in specs}
     assert 2 <= len({s.identity for s in specs}) <= 3
     offline = {"fdfr", "ism", "linkability", "brisque", "linf", "psnr", "ssim"}
@@ -124,3 +124,41 @@ def test_reduced_demo_learns_the_person_and_aspl_protects(tmp_path, capsys):
     table = board.table.set_index("defense")
     for metric in ("linkability", "ism"):
         assert table.loc["aspl", f"{metric}_mean"] < table.loc["none", f"{metric}_mean"], metric
+
+
+def test_verdicts_say_what_each_defense_did_with_its_cost():
+    from antipers.leaderboard import verdicts
+
+    def row(defense, metric, value, hib, eps=None):
+        params = "{}" if eps is None else f'{{"eps": {eps}}}'
+        return {
+            "spec_id": defense,
+            "defense": defense,
+            "defense_params": params,
+            "countermeasure": "none",
+            "attack": "dreambooth",
+            "metric": metric,
+            "value": value,
+            "image_index": -1,
+            "status": "ok",
+            "higher_is_better": hib,
+            "error": None,
+        }
+
+    rows = pd.DataFrame(
+        [
+            row("none", "linkability", 0.9, False),
+            row("none", "ism", 0.95, False),
+            row("aspl", "linkability", 0.2, False, eps=8),
+            row("aspl", "ism", 0.90, False, eps=8),
+            row("aspl", "psnr", 31.44, True, eps=8),
+            row("weak", "linkability", 0.95, False, eps=2),
+        ]
+    )
+    lines = verdicts(rows)
+    assert (
+        "aspl lowered linkability from 0.90 to 0.20 and lowered ism from 0.95 to 0.90 "
+        "against dreambooth (8/255, PSNR 31.4 dB)" in lines
+    )
+    assert "weak did not lower linkability from 0.90 to 0.95 against dreambooth (2/255)" in lines
+    assert verdicts(rows[rows["defense"] != "none"]) == []  # no baseline, no claim

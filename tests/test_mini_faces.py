@@ -165,9 +165,9 @@ def test_shipped_model_is_registered_and_checked(mini):
 
 
 def test_short_personalization_learns_that_person(mini):
-    """A few dozen LoRA steps on one person's photos: the generations move towards that
-    person more than towards another one (offline face backend)."""
-    from antipers.attacks.lora import LoRADreamBooth
+    """80 DreamBooth steps on one person's photos (the demo's attacker): the generations
+    move towards that person more than towards another one (offline face backend)."""
+    from antipers.attacks.dreambooth import DreamBooth
     from antipers.attacks.sampling import generate
     from antipers.metrics.faces import face_backend
 
@@ -192,7 +192,7 @@ def test_short_personalization_learns_that_person(mini):
             (emb @ mean_face(other.set_A)).mean()
         )
 
-    attack = LoRADreamBooth(steps=60, lr=1e-3, batch_size=2, prior_weight=0.0, rank=8, alpha=8.0)
+    attack = DreamBooth(steps=80, lr=4e-4, batch_size=2, prior_weight=0.0, train_text_encoder=False)
     tuned = attack.personalize(person.set_B, mini, torch.Generator().manual_seed(0))
     before_person, before_other = similarity(mini, "a photo of sks person")
     after_person, after_other = similarity(tuned, "a photo of sks person")
