@@ -4,6 +4,7 @@ the shipped model itself (loads, its files are checked, a person can be learned 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import shutil
 
 import numpy as np
@@ -137,6 +138,12 @@ def test_damaged_or_missing_file_is_named(trained_small, tmp_path):
     (copy / "manifest.json").unlink()
     with pytest.raises(ModelNotFoundError, match="manifest.json is missing"):
         check_manifest(copy)
+
+
+def test_resuming_under_other_settings_is_refused(trained_small):
+    folder, config = trained_small
+    with pytest.raises(ValueError, match=r"unet_steps: 2 -> 3"):
+        train_mini(folder.parent, dataclasses.replace(config, unet_steps=3))
 
 
 def test_bad_training_settings_are_refused():

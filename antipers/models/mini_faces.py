@@ -22,21 +22,13 @@ import torch
 
 from antipers.models.bundle import DiffusionBundle
 from antipers.models.local import ModelNotFoundError, load_diffusers_folder
+from antipers.models.tiny import TINY_VAE
 
 SHIPPED = Path(__file__).parent / "weights" / "mini-faces"
 MANIFEST = "manifest.json"
 
-MINI_VAE = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "block_out_channels": (16, 32, 64),
-    "down_block_types": ("DownEncoderBlock2D",) * 3,
-    "up_block_types": ("UpDecoderBlock2D",) * 3,
-    "latent_channels": 4,
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-    "sample_size": 64,
-}
+# tiny's VAE (4x down, 4 latent channels) with a wider last block
+MINI_VAE = {**TINY_VAE, "block_out_channels": (16, 32, 64)}
 MINI_UNET = {
     "sample_size": 16,
     "in_channels": 4,

@@ -289,6 +289,7 @@ def train_mini(
     device = device or torch.device("cpu")
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
+    _check_same_run(work / "config.json", config)
     (work / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
     timings: dict[str, float] = _read_json(work / "timings.json")
 
@@ -316,6 +317,26 @@ def train_mini(
         "mean_posterior_std": float(std.mean()),
     }
     return export(cpu, out / "mini-faces", config, timings, report, work)
+
+
+# settings that do not change the weights: a resumed run may differ in them
+_NOT_WEIGHTS = {"checkpoint_every_s", "eval_identities", "eval_samples"}
+
+
+def _check_same_run(path: Path, config: MiniTrainConfig) -> None:
+    """Checkpoints in ``work`` belong to one configuration; resuming them under other
+    settings would mix two trainings."""
+    before = _read_json(path)
+    now = dataclasses.asdict(config)
+    changed = sorted(
+        k for k in now if k not in _NOT_WEIGHTS and k in before and before[k] != now[k]
+    )
+    if changed:
+        diff = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed)
+        raise ValueError(
+            f"train-mini: {path.parent} holds a training with other settings ({diff}); "
+            "give another --out, or the same settings to resume it"
+        )
 
 
 def evaluate(bundle: DiffusionBundle, identities: int = 8, samples: int = 32) -> dict[str, Any]:
