@@ -173,23 +173,27 @@ class FaceBackend:
         """The largest face (in ``arr``'s own coordinates) and, if asked, its embedding;
         both computed on the upscaled image where ``arr`` is small."""
         key = self._key(arr)
-        big, factor = upscaled(arr, self.MIN_SIDE)
-        if key in self._cache:
-            box, vec = self._cache[key]
-        else:
-            box, vec = self._largest(big), None
-        if want_embedding and vec is None:
+        box, vec = self._cache.get(key, (None, None))  # box in ``arr``'s coordinates
+        found = key in self._cache
+        if found and (vec is not None or not want_embedding):
+            return box, vec
+        big, factor = upscaled(arr, self.MIN_SIDE)  # only when there is work to do
+        big_box = scaled(box, factor) if found and box is not None else None
+        if not found:
+            big_box = self._largest(big)
+            box = scaled(big_box, 1.0 / factor) if big_box is not None else None
+        if want_embedding:
             embedder = self._embedder_source
             if embedder is None:
                 raise MetricUnavailable(f"face backend {self.name!r} has no embedder")
             vec = np.full(embedder.dim, np.nan)
-            if box is not None:
-                raw = embedder(big, box)
+            if big_box is not None:
+                raw = embedder(big, big_box)
                 vec = raw / np.linalg.norm(raw)
         if len(self._cache) >= self.cache_size:
             self._cache.pop(next(iter(self._cache)))
         self._cache[key] = (box, vec)
-        return (scaled(box, 1.0 / factor) if box is not None else None), vec
+        return box, vec
 
     def detect(self, images: torch.Tensor) -> list[FaceBox | None]:
         return [self._analyze(arr, False)[0] for arr in to_uint8(images)]
