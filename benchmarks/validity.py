@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
+import zlib
 from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +33,7 @@ import torch
 from antipers.boards import load_boards
 from antipers.campaign import load_campaign
 from antipers.leaderboard import mean_interval
+from antipers.models.train_mini import CLASS_PROMPTS
 from antipers.pipeline import (
     Handoff,
     RunContext,
@@ -40,14 +43,24 @@ from antipers.pipeline import (
     experiment_rows,
     protect_stage,
     score_stage,
-    stage_rng,
 )
 from antipers.registry import SAMPLERS
 from antipers.results import ResultStore
 
 CAMPAIGN = Path(__file__).resolve().parents[1] / "antipers" / "campaigns" / "validity.yaml"
+STORE = Path(__file__).resolve().parent / "results" / "validity"
 METRICS = ("fdfr", "ism", "linkability", "brisque", "psnr")
 FLOOR = "floor (no personalization)"
+
+
+def person(spec) -> str:
+    """A person across the campaign's galleries: the dataset's seed and the identity."""
+    return f"{spec.dataset.kwargs.get('seed', 0)}/{spec.identity}"
+
+
+def row_people(rows: pd.DataFrame) -> pd.Series:
+    datasets = rows["spec_json"].map(lambda text: json.loads(text)["dataset"].get("seed", 0))
+    return datasets.astype(str) + "/" + rows["identity"]
 
 
 def protection_key(spec) -> str:
@@ -65,7 +78,7 @@ def run(specs, store: ResultStore, ctx: RunContext) -> None:
     count = 0
     for group in groups.values():
         first = group[0]
-        print(f"  protect {first.identity} {first.defense.name}", file=sys.stderr, flush=True)
+        print(f"  protect {person(first)} {first.defense.name}", file=sys.stderr, flush=True)
         try:
             protected = protect_stage(first, ctx, lambda stage: None)
         except Exception as exc:
@@ -85,7 +98,7 @@ def run(specs, store: ResultStore, ctx: RunContext) -> None:
                 rows = error_rows(spec, handoff.started, describe_error(exc), 0.0, ctx.name)
             store.write(rows)
             print(
-                f"  [{count}/{total}] {spec.identity} {spec.defense.name} {spec.attack.name} "
+                f"  [{count}/{total}] {person(spec)} {spec.defense.name} {spec.attack.name} "
                 f"{spec.countermeasure_name} ({handoff.seconds:.0f} s)",
                 file=sys.stderr,
                 flush=True,
@@ -97,18 +110,20 @@ def now() -> datetime:
 
 
 def floor(specs, store: ResultStore, ctx: RunContext) -> None:
-    """The base model's own generations of each identity's prompts, scored like an
-    attack's: what the metrics read when nothing learned the person."""
+    """The base model's own generations of the class prompts, on noise of each
+    identity's own, scored against that identity like an attack's: what the metrics
+    read when nothing learned the person (and whether the base model makes faces)."""
     done = store.finished_ids()
-    for spec in {s.identity: s for s in specs if s.defense.name == "none"}.values():
-        spec = spec.override({"suite": "validity-floor", "countermeasure": "none"})
+    for spec in {person(s): s for s in specs if s.defense.name == "none"}.values():
+        spec = spec.override({"suite": "validity-floor-v2", "countermeasure": "none"})
         if spec.spec_id in done:
             continue
         identity = ctx.identity(spec)
-        sampler = spec.sampling.build(SAMPLERS)
+        sampler = dataclasses.replace(spec.sampling.build(SAMPLERS), prompts=CLASS_PROMPTS)
         bundle = ctx.base_model(spec.base_model)
         handoff = Handoff(started=now(), protected=identity.set_B)
-        handoff.generated = sampler.sample(bundle, spec.resolution, stage_rng(spec.seed, "sample"))
+        noise = torch.Generator().manual_seed(zlib.crc32(person(spec).encode()) + spec.seed)
+        handoff.generated = sampler.sample(bundle, spec.resolution, noise)
         handoff.prompts = list(sampler.image_prompts())
         handoff = score_stage(spec, ctx, handoff, lambda stage: None)
         store.write(experiment_rows(spec, handoff))
@@ -133,9 +148,9 @@ def table(rows: pd.DataFrame, floor_rows: pd.DataFrame) -> pd.DataFrame:
 
 def _line(key: dict, group: pd.DataFrame, rules) -> dict:
     line = dict(key)
-    line["n"] = group["identity"].nunique()
+    line["n"] = group["person"].nunique()
     for metric in METRICS:
-        per_identity = group[group["metric"] == metric].groupby("identity")["value"].mean()
+        per_identity = group[group["metric"] == metric].groupby("person")["value"].mean()
         values = per_identity.dropna().to_numpy()
         low, high = mean_interval(values, rules)
         line[metric] = values.mean() if len(values) else np.nan
@@ -228,12 +243,16 @@ def calibrate(identities: int = 16, backend: str = "offline") -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--campaign", default=str(CAMPAIGN))
-    parser.add_argument("--store", default="validity-store")
+    parser.add_argument("--store", default=str(STORE))
     parser.add_argument("--identities", type=int, help="the first N identities only")
     parser.add_argument("--defenses", help="comma-separated subset")
     parser.add_argument("--attacks", help="comma-separated subset")
     parser.add_argument("--countermeasures", help="comma-separated subset (none, jpeg, purify)")
     parser.add_argument("--device", default=None)
+    parser.add_argument(
+        "--table-people", type=int, default=8, help="people in the main table (the rest: checks)"
+    )
+    parser.add_argument("--no-run", action="store_true", help="only the tables of what is stored")
     parser.add_argument(
         "--calibrate", action="store_true", help="only the ISM calibration of the face backend"
     )
@@ -245,8 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     from antipers.device import pick_device
 
     specs = list(load_campaign(args.campaign).specs)
-    identities = sorted({s.identity for s in specs})[: args.identities or None]
-    specs = [s for s in specs if s.identity in identities]
+    people = sorted({person(s) for s in specs}, key=lambda p: (int(p.split("/")[0]), p))
+    people = people[: args.identities or None]
+    specs = [s for s in specs if person(s) in people]
     for field, attr in (("defenses", "defense"), ("attacks", "attack")):
         if getattr(args, field):
             keep = set(getattr(args, field).split(","))
@@ -256,18 +276,35 @@ def main(argv: list[str] | None = None) -> int:
         specs = [s for s in specs if s.countermeasure_name.split("+")[0] in keep]
     store = ResultStore(args.store)
     floor_store = ResultStore(str(Path(args.store) / "floor"))
-    ctx = RunContext(device=pick_device(args.device))
-    print(f"{len(specs)} experiments on {len(identities)} identities", file=sys.stderr)
-    run(specs, store, ctx)
-    floor(specs, floor_store, ctx)
+    if not args.no_run:
+        ctx = RunContext(device=pick_device(args.device))
+        print(f"{len(specs)} experiments on {len(people)} people", file=sys.stderr)
+        run(specs, store, ctx)
+        floor(specs, floor_store, ctx)
     wanted = {s.spec_id for s in specs}
     rows = store.load()
     rows = rows[rows["spec_id"].isin(wanted)]
-    frame = table(rows, floor_store.load())
-    print(show(frame))
-    print()
-    for line in checks(frame):
-        print("- " + line)
+    floor_rows = floor_store.load()
+    if rows.empty:
+        print("nothing stored yet for these experiments")
+        return 0
+    rows["person"], floor_rows["person"] = row_people(rows), row_people(floor_rows)
+    first = set(people[: args.table_people])
+    blocks = [(f"the first {len(first)} people", first)]
+    if len(people) > len(first):
+        blocks.append((f"all {len(people)} people, where run", set(people)))
+    for title, chosen in blocks:
+        frame = table(
+            rows[rows["person"].isin(chosen)], floor_rows[floor_rows["person"].isin(chosen)]
+        )
+        if title != blocks[0][0]:
+            frame = frame[frame["n"] > len(first)]
+        print(f"## {title}\n")
+        print(show(frame))
+        print()
+        for line in checks(frame):
+            print("- " + line)
+        print()
     return 0
 
 
