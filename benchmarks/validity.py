@@ -212,6 +212,35 @@ def checks(frame: pd.DataFrame) -> list[str]:
     return out
 
 
+def paired(rows: pd.DataFrame) -> list[str]:
+    """Each defense against the undefended attack on the same people (and the same
+    sampling noise): the mean of per-person differences with its bootstrap interval.
+    Person-to-person spread cancels here, which the rows' own intervals keep."""
+    rules = load_boards().defaults
+    agg = rows[(rows["image_index"] == -1) & (rows["status"] == "ok")]
+    out = []
+    for (attack, cm), group in agg.groupby(["attack", "countermeasure"]):
+        by = group.pivot_table(index="person", columns=["metric", "defense"], values="value")
+        for defense in sorted(set(group["defense"]) - {"none"}):
+            parts = []
+            for metric in ("fdfr", "ism", "linkability"):
+                if (metric, "none") not in by or (metric, defense) not in by:
+                    continue
+                diff = (by[(metric, defense)] - by[(metric, "none")]).dropna().to_numpy()
+                if len(diff) < 2:
+                    continue
+                low, high = mean_interval(diff, rules)
+                sign = "below 0" if high < 0 else "above 0" if low > 0 else "spans 0"
+                parts.append(f"{metric} {diff.mean():+.3f} [{low:+.3f}, {high:+.3f}] ({sign})")
+            if parts:
+                n = by[("ism", defense)].notna().sum() if ("ism", defense) in by else 0
+                out.append(
+                    f"{attack} / {cm}: {defense} minus none, paired over {n} people: "
+                    + ", ".join(parts)
+                )
+    return out
+
+
 def calibrate(identities: int = 16, backend: str = "offline") -> None:
     """Per-photo ISM of each person's set_B and set_C photos against their own set_A mean
     (same person) and against every other person's (different person): where the
@@ -302,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"## {title}\n")
         print(show(frame))
         print()
-        for line in checks(frame):
+        for line in checks(frame) + paired(rows[rows["person"].isin(chosen)]):
             print("- " + line)
         print()
     return 0
