@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from antipers.errors import UserError
 from antipers.registry import ATTACKS, DATASETS, DEFENSES, Registry, SpecError
 from antipers.spec import ExperimentSpec
 
@@ -24,7 +25,7 @@ GRIDS = ("datasets", "defenses", "countermeasures", "attacks", "seeds")
 KNOWN = (*SHARED, *GRIDS)
 
 
-class CampaignError(ValueError):
+class CampaignError(UserError, ValueError):
     """A campaign that cannot run; the message names file, line and field."""
 
 
@@ -107,7 +108,10 @@ def _identities(entry: Any, where: str) -> tuple[Any, list[str]]:
     if choice == "all":
         chosen = list(available)
     elif isinstance(choice, Mapping) and set(choice) == {"first"}:
-        chosen = list(available)[: int(choice["first"])]
+        first = choice["first"]
+        if isinstance(first, bool) or not isinstance(first, int) or first < 1:
+            raise SpecError(f"identities.first: expected a whole number >= 1, got {first!r}")
+        chosen = list(available)[:first]
     elif isinstance(choice, list):
         missing = [c for c in choice if c not in available]
         if missing:

@@ -6,14 +6,16 @@ import argparse
 import dataclasses
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from antipers.registry import REGISTRIES, RegistryError, SpecError
+from antipers.errors import UserError, is_user_error
+from antipers.registry import REGISTRIES
 
 
-class CLIError(Exception):
+class CLIError(UserError):
     """A user mistake: printed as ``error: ...`` with exit status 2."""
 
 
@@ -104,12 +106,24 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    from antipers.data.synthetic import SyntheticDataset
+    from antipers.data.synthetic import SyntheticDataset, face_generator
     from antipers.images import write_png
 
     if args.identities < 1:
         raise CLIError(f"--identities: expected a positive number, got {args.identities}")
-    dataset = SyntheticDataset(args.identities, args.photos_per_set, args.nudge, args.seed)
+    if args.resolution < 8:
+        raise CLIError(f"--resolution: expected at least 8 pixels, got {args.resolution}")
+    if args.photos_per_set < 1:
+        raise CLIError(f"--photos-per-set: expected at least 1, got {args.photos_per_set}")
+    try:
+        dataset = SyntheticDataset(args.identities, args.photos_per_set, args.nudge, args.seed)
+    except ValueError as exc:  # the dataset's own checks, named by their flags
+        flags = {"n_identities": "--identities", "nudge": "--nudge", "seed": "--seed"}
+        message = str(exc)
+        for field, flag in flags.items():
+            message = message.replace(f"synthetic.{field}", flag)
+        raise CLIError(message) from None
+    face_generator()  # the synth extra, checked before any folder is written
     out = Path(args.out)
     for identity in dataset.identities():
         photos = dataset.load(identity, args.resolution)
@@ -378,6 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir", help="folder holding celeba-hq/, vggface2/ (sets $ANTIPERS_DATA_DIR)"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="tracebacks for every error, user mistakes included (or ANTIPERS_DEBUG=1)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("experiment", help="run one experiment spec in-process and store its rows")
@@ -529,18 +548,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["ANTIPERS_MODELS_DIR"] = str(Path(args.models_dir).expanduser().absolute())
     if args.data_dir:
         os.environ["ANTIPERS_DATA_DIR"] = str(Path(args.data_dir).expanduser().absolute())
+    debug = args.debug or os.environ.get("ANTIPERS_DEBUG", "") not in ("", "0")
     try:
         return args.func(args)
-    except (CLIError, SpecError, RegistryError, ValueError, OSError) as exc:
-        # user-facing mistakes and unusable paths (missing, not a folder, no permission)
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         # every finished experiment is already stored; a rerun does the rest
         print(
             "interrupted: finished work is stored; run the same command to go on", file=sys.stderr
         )
         return 130
+    except Exception as exc:
+        user = is_user_error(exc)
+        if debug or not user:
+            traceback.print_exc()
+        if not user:
+            print("antipers: internal error (a bug): please report the traceback", file=sys.stderr)
+            return 1
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

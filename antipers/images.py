@@ -13,10 +13,12 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from antipers.errors import UserError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """An image file or tensor that breaks the contract; the message names it."""
 
 
@@ -70,6 +72,8 @@ def read_image(path: str | Path, size: int | None = None) -> torch.Tensor:
             rgb = img.convert("RGB")
     except (UnidentifiedImageError, OSError) as exc:
         raise ImageError(f"{path}: not a readable image ({exc})") from exc
+    except Image.DecompressionBombError as exc:  # not an OSError
+        raise ImageError(f"{path}: {exc}") from None
     return from_pil(rgb, size)
 
 

@@ -21,6 +21,7 @@ import pandas as pd
 import scipy.stats
 
 from antipers.boards import BoardRules, BoardsConfig
+from antipers.errors import UserError
 from antipers.metrics.base import UNAVAILABLE
 from antipers.registry import METRICS
 from antipers.results import AGGREGATE_INDEX, ERROR, OK
@@ -112,7 +113,7 @@ NO_COUNTERMEASURE = "none"
 PROTECTED = "protected"
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """A store that yields no board; the message says what the store holds instead."""
 
 

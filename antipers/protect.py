@@ -21,6 +21,7 @@ import torch
 from antipers import __version__
 from antipers.data.folders import list_photos
 from antipers.data.identity import DatasetError, IdentitySet
+from antipers.errors import UserError
 from antipers.images import read_images, write_png
 from antipers.metrics.budget import linf_255, psnr, ssim
 from antipers.registry import BASE_MODELS, DEFENSES
@@ -30,7 +31,7 @@ REPORT = "protect.json"
 log = logging.getLogger(__name__)
 
 
-class ProtectError(ValueError):
+class ProtectError(UserError, ValueError):
     """Bad input to ``protect``: the message names the path or parameter."""
 
 

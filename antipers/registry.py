@@ -18,17 +18,19 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from antipers.errors import UserError
+
 T = TypeVar("T")
 
 
-class RegistryError(KeyError):
+class RegistryError(UserError, KeyError):
     """An unknown or duplicate name; ``str()`` is the readable message."""
 
     def __str__(self) -> str:
         return str(self.args[0])
 
 
-class SpecError(ValueError):
+class SpecError(UserError, ValueError):
     """A spec that cannot describe an experiment; the message names the field."""
 
 

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from antipers import __version__
 from antipers.data.folders import AntiDreamBoothFolders, is_antidreambooth_layout, list_photos
 from antipers.data.identity import DatasetError
+from antipers.errors import UserError
 from antipers.images import read_images
 from antipers.metrics.base import ScoreInputs, evaluate
 from antipers.pipeline import metric_rows
@@ -30,7 +31,7 @@ from antipers.results import SCHEMA_VERSION, rows_to_table
 from antipers.spec import ComponentSpec, canonical_json
 
 
-class ScoreError(ValueError):
+class ScoreError(UserError, ValueError):
     """Bad input to ``score``; the message names the folder, file or metric."""
 
 

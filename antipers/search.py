@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from antipers.errors import UserError
+from antipers.names import check_name
 from antipers.registry import DATASETS, SpecError
 from antipers.spec import ExperimentSpec, load_mapping
 
@@ -42,7 +44,7 @@ KNOWN = (
 )
 
 
-class SearchError(ValueError):
+class SearchError(UserError, ValueError):
     """A search spec that cannot run; the message names the file and the field."""
 
 
@@ -253,6 +255,10 @@ def load_search(path: str | Path, check_data: bool = True) -> SearchSpec:
     for key in ("name", "base", "datasets", "space"):
         if key not in data:
             raise _fail(path, key, "missing (required)")
+    try:  # it names the search's folder in the store
+        check_name(data["name"], "name")
+    except ValueError as exc:
+        raise _fail(path, "name", str(exc).removeprefix("name: ")) from None
     base_dict = data["base"]
     if not isinstance(base_dict, Mapping):
         raise _fail(path, "base", "expected an experiment spec without dataset and identity")

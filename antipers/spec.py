@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from antipers.names import check_name
 from antipers.registry import (
     ATTACKS,
     BASE_MODELS,
@@ -199,6 +200,11 @@ class ExperimentSpec:
         kwargs["metrics"] = tuple(sorted(parsed, key=lambda c: canonical_json(c.to_dict())))
         kwargs["identity"] = coerce(merged["identity"], str, "identity")
         kwargs["suite"] = coerce(merged["suite"], str, "suite")
+        try:  # both reach paths: dataset folders, a search's storage
+            check_name(kwargs["identity"], "identity", strict=False)
+            check_name(kwargs["suite"], "suite")
+        except ValueError as exc:
+            raise SpecError(str(exc)) from None
         kwargs["protocol"] = coerce(merged["protocol"], str, "protocol")
         kwargs["track"] = coerce(merged["track"], str, "track")
         if kwargs["track"] not in TRACKS:
@@ -313,7 +319,30 @@ def load_mapping(path: str | Path) -> dict[str, Any]:
         raise SpecError(f"{path}: cannot parse ({exc})") from None
     if not isinstance(data, dict):
         raise SpecError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    bad = _non_string_key(data, ())
+    if bad is not None:
+        where, key = bad
+        field = ".".join(map(str, where)) or "(top level)"
+        raise SpecError(f"{path}: {field}: key {key!r} is not a name; keys are strings")
     return data
+
+
+def _non_string_key(value: Any, where: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any] | None:
+    """The first mapping key anywhere in ``value`` that is not a string (YAML reads
+    ``1: x`` or ``true: x`` as a number or a boolean)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return where, key
+            found = _non_string_key(item, (*where, key))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _non_string_key(item, (*where, i))
+            if found:
+                return found
+    return None
 
 
 def load_spec(path: str | Path) -> ExperimentSpec:

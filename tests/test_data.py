@@ -74,7 +74,7 @@ def test_data_check_accepts_good_folder(adb_root, capsys):
         ),
         (
             lambda r: (r / "synth-0001" / "set_A" / "01.png").unlink(),
-            "set_A: 1 photo(s), need at least 2",
+            "set_A: 1 usable photo(s), need at least 2",
         ),
     ],
 )
@@ -98,7 +98,7 @@ def test_plain_folders_split_round_robin(tmp_path):
     faces = SyntheticDataset(n_identities=1, photos_per_set=2).load("synth-0000", 32).set_A
     photos = torch.cat([faces, faces, faces])[:5]
     write_png(photos, [tmp_path / "alice" / f"{i}.png" for i in range(5)])
-    ds = open_folder(tmp_path)
+    ds = open_folder(tmp_path, min_photos=1)
     assert isinstance(ds, PlainFolders)
     person = ds.load("alice", 32)
     assert person.counts() == {"set_A": 2, "set_B": 2, "set_C": 1}
@@ -107,8 +107,11 @@ def test_plain_folders_split_round_robin(tmp_path):
         str(tmp_path / "alice" / "4.png"),
     )
     write_png(faces[:1], [tmp_path / "bob" / "0.png"])
-    with pytest.raises(DatasetError, match="bob: 1 photo"):
+    with pytest.raises(DatasetError, match="bob: 1 usable photo"):
         ds.load("bob", 32)
+    # min_photos counts per set, as `data check --help` says: 5 photos give set_C one
+    with pytest.raises(DatasetError, match=r"alice: 5 usable photo\(s\), need at least 6"):
+        open_folder(tmp_path, min_photos=2).load("alice", 32)
 
 
 def test_real_sample_loads(sample_dir):

@@ -183,7 +183,7 @@ BAD = [
         lambda p: files_of(p),
         {"countermeasures": ["sharpen"]},
         422,
-        "unknown countermeasure 'sharpen'",
+        "options.countermeasures[0]: 'sharpen' is not offered over HTTP",
     ),
     (
         "another base model",

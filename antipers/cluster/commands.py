@@ -159,6 +159,20 @@ def search(spec: SearchSpec, store: ResultStore, address: str | None, resume: bo
     return 1 if errors or unfinished else 0
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Before Ray starts: Serve reports a taken port only as a failed proxy."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ClusterError(
+                f"--port {port}: cannot listen on {host}:{port} ({exc.strerror})"
+            ) from None
+
+
 def serve_forever(
     config: str | None, host: str | None, port: int | None, address: str | None
 ) -> int:
@@ -170,7 +184,8 @@ def serve_forever(
     from ray import serve
     from ray.serve.schema import ServeDeploySchema
 
-    from antipers.cluster.scoring import ScoringService
+    from antipers.cluster.scoring import ScoringService, check_args
+    from antipers.errors import UserError
 
     http: dict[str, Any] = {}
     args: dict[str, Any] = {}
@@ -191,8 +206,13 @@ def serve_forever(
         for deployment in application.deployments:
             options.update(deployment.dict(exclude_unset=True))
         options.pop("name", None)
+    try:
+        check_args(args)
+    except UserError as exc:
+        raise ClusterError(f"--config {config or '(default)'}: {exc}") from None
     host = host or http.get("host", "127.0.0.1")
     port = port or http.get("port", 8000)
+    _check_port_free(host, port)
     started = connect(address)
     try:
         url = f"http://{host}:{port}{prefix.rstrip('/')}"

@@ -11,11 +11,12 @@ import warnings
 import ray
 
 from antipers.cluster.workers import WorkerPlan
+from antipers.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class ClusterError(RuntimeError):
+class ClusterError(UserError, RuntimeError):
     """The cluster cannot run the campaign as asked (printed as a user error)."""
 
 

@@ -8,6 +8,7 @@ every refusal is a JSON ``{"error": ...}`` with a 4xx status; the replica goes o
 """
 
 import asyncio
+import dataclasses
 import hmac
 import io
 import json
@@ -23,10 +24,17 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from antipers import robustness
+from antipers.cluster.client_options import (
+    Limits,
+    OptionError,
+    check_countermeasures,
+    check_evaluation_options,
+    check_work,
+)
 from antipers.images import from_pil
 
 log = logging.getLogger(__name__)
-FORMATS = ("PNG", "JPEG", "WEBP")
+FORMATS = ("PNG", "JPEG", "MPO", "WEBP")  # MPO: a camera's JPEG with extra frames
 FIELDS = ("protected", "clean", "references")
 TOKEN_ENV = "ANTIPERS_TOKEN"
 
@@ -44,13 +52,6 @@ api = FastAPI(
         "The gain is over the clean originals when given, else over purified copies."
     ),
 )
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_images: int = 16  # per field
-    max_bytes: int = 32 * 2**20  # per request
-    max_pixels: int = 4096 * 4096  # per image, read from the header before decoding
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ class ScoringService:
 
         self.base_model = base_model
         self.resolution = resolution
-        self.limits = Limits(**(limits or {}))
+        self.limits = Limits.parse(limits)
         self.bundle = BASE_MODELS.build(base_model).load(pick_device())
         self.faces = None
         if face_backend:
@@ -292,7 +293,10 @@ class ScoringService:
             if not isinstance(entries, list):
                 raise Refused(422, "options.countermeasures: expected a list")
             try:
+                check_countermeasures(entries, self.limits, "options.countermeasures")
                 countermeasures = robustness.countermeasure_specs(entries)
+            except OptionError as exc:
+                raise Refused(422, str(exc)) from None
             except ValueError as exc:
                 raise Refused(422, f"options.{exc}") from None
         try:
@@ -322,10 +326,12 @@ class ScoringService:
                 raise Refused(422, "clean: not used by evaluations; send references")
             root = self.work_dir / evaluations.upload_id(raw, options)
             try:
+                check_evaluation_options(options, self.limits)
                 spec = evaluations.evaluation_spec(
                     options, self.evaluation_defaults, root, self.base_model, self.resolution
                 )
-            except ValueError as exc:  # SpecError included
+                check_work(spec, self.limits)
+            except ValueError as exc:  # SpecError and OptionError included
                 raise Refused(422, str(exc)) from None
             await asyncio.to_thread(evaluations.write_upload, root, protected, references)
         except Refused as exc:
@@ -352,6 +358,43 @@ class ScoringService:
         if body is None:
             return JSONResponse({"error": f"no evaluation {evaluation_id}"}, status_code=404)
         return JSONResponse(body)
+
+
+def check_args(args: dict[str, Any]) -> None:
+    """The Serve config's ``args``, checked before any replica starts: an error in a
+    replica's constructor would surface only as Serve's deployment failure."""
+    import inspect
+
+    from antipers.cluster import evaluations
+    from antipers.registry import BASE_MODELS
+
+    known = [p for p in inspect.signature(ScoringService.func_or_class).parameters]
+    for key in args:
+        if key not in known:
+            raise OptionError(f"args.{key}: unknown; use {', '.join(known)}")
+    Limits.parse(args.get("limits"))
+    batching = args.get("batching") or {}
+    try:
+        Batching(**batching)
+    except TypeError:
+        fields = ", ".join(f.name for f in dataclasses.fields(Batching))
+        unknown = sorted(set(batching) - {f.name for f in dataclasses.fields(Batching)})
+        raise OptionError(f"batching.{unknown[0]}: unknown; use {fields}") from None
+    resolution = args.get("resolution", 64)
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 8:
+        raise OptionError(f"args.resolution: expected a whole number >= 8, got {resolution!r}")
+    unknown = sorted(set(args.get("evaluation_defaults") or {}) - set(evaluations.OPTIONS))
+    if unknown:
+        raise OptionError(
+            f"evaluation_defaults.{unknown[0]}: unknown; use {', '.join(evaluations.OPTIONS)}"
+        )
+    try:
+        model = BASE_MODELS.build(args.get("base_model", "tiny"))
+    except (KeyError, ValueError) as exc:
+        raise OptionError(f"args.base_model: {exc}") from None
+    check = getattr(model, "check", None)
+    if check is not None:
+        check()  # a missing or incomplete model folder, named
 
 
 def app(args: dict[str, Any] | None = None) -> Any:

@@ -66,6 +66,9 @@ def _readable(path: Path, problems: list[str]) -> bool:
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         problems.append(f"{path}: unreadable image ({exc})")
         return False
+    except Image.DecompressionBombError as exc:
+        problems.append(f"{path}: {exc}")
+        return False
 
 
 def _check_root(root: Path, label: str) -> None:
@@ -110,9 +113,9 @@ class AntiDreamBoothFolders:
                 problems.append(f"{sub}: missing (each identity needs {', '.join(SETS)})")
                 continue
             sets[name] = scan_photos(sub, problems, verify)
-            if not problems and len(sets[name]) < self.min_photos:
+            if len(sets[name]) < self.min_photos:
                 problems.append(
-                    f"{sub}: {len(sets[name])} photo(s), need at least {self.min_photos}"
+                    f"{sub}: {len(sets[name])} usable photo(s), need at least {self.min_photos}"
                 )
         extra = [p for p in _entries(folder) if p.name not in SETS]
         problems += [f"{p}: unexpected entry (expected only {', '.join(SETS)})" for p in extra]
@@ -179,9 +182,12 @@ class PlainFolders:
             raise DatasetError([f"{folder}: no identity {identity!r} in {self.path}"])
         problems: list[str] = []
         photos = scan_photos(folder, problems, verify)
-        need = max(self.min_photos, 2)
-        if not problems and len(photos) < need:
-            problems.append(f"{folder}: {len(photos)} photo(s), need at least {need}")
+        need = len(SETS) * self.min_photos  # split round-robin into the three sets
+        if len(photos) < need:
+            problems.append(
+                f"{folder}: {len(photos)} usable photo(s), need at least {need} "
+                f"({self.min_photos} per set; they are split into {', '.join(SETS)})"
+            )
         if problems:
             raise DatasetError(problems)
         return {name: photos[i :: len(SETS)] for i, name in enumerate(SETS)}

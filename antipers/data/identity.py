@@ -6,10 +6,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from antipers.errors import UserError
+
 SETS = ("set_A", "set_B", "set_C")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset folder that cannot be used; lists every problem with its path."""
 
     def __init__(self, problems: list[str]) -> None:

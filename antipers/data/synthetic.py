@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from antipers.data.identity import SETS, DatasetError, IdentitySet
+from antipers.errors import MissingExtra
 from antipers.images import quantize, resize
 
 LATENT_DIM = 100
@@ -37,7 +38,7 @@ def face_generator() -> Any:
     """The pretrained DCGAN generator (CPU, eval mode), loaded once per process."""
     spec = importlib.util.find_spec("gan_face_generate")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
+        raise MissingExtra(
             "the 'synthetic' dataset needs the face generator: pip install 'antipers[synth]'"
         )
     from gan_face_generate.models import Generator

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from antipers.data.identity import IdentitySet
+from antipers.errors import UserError
 from antipers.models.bundle import DiffusionBundle
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ def protect_once(
         if reused is not None:
             log.info("%s: reusing the protected model in %s", name, save_to)
             return reused.replace(fingerprint=fingerprint), reused_log
+        check_save_to(Path(save_to))  # before the training, not after it
     protected, trace = train()
     protected.unet.requires_grad_(False)
     protected.unet.eval()
@@ -86,10 +88,31 @@ def protect_once(
     return protected, trace
 
 
+class SaveToError(UserError, ValueError):
+    """``save_to`` names something antipers did not write."""
+
+
+def check_save_to(folder: Path) -> None:
+    """Only a folder that antipers wrote (it holds ``protection.json``), or an empty
+    one, may be replaced: ``save_to`` pointed at anything else is refused, never
+    deleted."""
+    folder = folder.expanduser()
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise SaveToError(f"save_to {folder}: exists and is not a folder; choose another path")
+    if not (folder / RECORD).is_file() and any(folder.iterdir()):
+        raise SaveToError(
+            f"save_to {folder}: a folder antipers did not write (no {RECORD}); "
+            "it is left as it is: choose a new or empty folder"
+        )
+
+
 def save_protected(bundle: DiffusionBundle, folder: Path, record: dict[str, object]) -> Path:
     """The protected model as a diffusers folder (what a provider ships), written to a
     temporary sibling and renamed into place."""
     folder = folder.expanduser()
+    check_save_to(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}-{uuid.uuid4().hex}")
     try:

@@ -14,13 +14,14 @@ from typing import ClassVar
 
 import torch
 
+from antipers.errors import UserError
 from antipers.models.bundle import DiffusionBundle
 
 MODELS_DIR_ENV = "ANTIPERS_MODELS_DIR"
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(UserError, FileNotFoundError):
     """A base-model folder that is missing or incomplete; the message says where and what."""
 
 
@@ -68,6 +69,11 @@ class DiffusersFolder:
 
     path: str
 
+    def check(self) -> None:
+        """The folder's layout, without loading it (a service checks before starting)."""
+        path = Path(self.path).expanduser()
+        check_folder(path, str(path))
+
     def load(self, device: torch.device) -> DiffusionBundle:
         path = Path(self.path).expanduser()
         return load_diffusers_folder(path, str(path), device)
@@ -77,6 +83,9 @@ class DiffusersFolder:
 class _NamedFolder:
     folder: ClassVar[str]
     label: ClassVar[str]
+
+    def check(self) -> None:
+        check_folder(models_dir() / self.folder, self.label)
 
     def load(self, device: torch.device) -> DiffusionBundle:
         return load_diffusers_folder(models_dir() / self.folder, self.label, device)

@@ -98,8 +98,15 @@ class MiniFaces:
 
     path: str = ""
 
+    @property
+    def folder(self) -> Path:
+        return Path(self.path).expanduser() if self.path else SHIPPED
+
+    def check(self) -> None:
+        check_manifest(self.folder)
+
     def load(self, device: torch.device) -> DiffusionBundle:
-        folder = Path(self.path).expanduser() if self.path else SHIPPED
+        folder = self.folder
         digest = check_manifest(folder)
         bundle = load_diffusers_folder(folder, "mini-faces", device)
         # content, not mtime: every clone of the same weights shares its caches
