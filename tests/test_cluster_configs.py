@@ -72,3 +72,39 @@ def test_serve_config_matches_serves_schema_and_builds_the_app():
 
     built = app(application.args)
     assert built is not None and ScoringService.name == application.deployments[0].name
+
+
+def construct(cls, args):
+    """As a Serve replica does: FastAPI ingress makes ``__init__`` a coroutine."""
+    import asyncio
+    import inspect
+
+    replica = cls.__new__(cls)
+    started = cls.__init__(replica, **args)
+    if inspect.iscoroutine(started):
+        asyncio.run(started)
+    return replica
+
+
+def test_serve_configs_args_construct_the_replica_as_serve_would(tmp_path):
+    """``.bind()`` only records the arguments; the replica's constructor is where a
+    bad one fails, so construct it here with the shipped config's args."""
+    import copy
+
+    from ray.serve.schema import ServeDeploySchema
+
+    from antipers.cluster.client_options import OptionError
+    from antipers.cluster.scoring import ScoringService, check_args
+
+    config = yaml.safe_load((REPO / "serve" / "scoring.yaml").read_text())
+    args = dict(ServeDeploySchema.parse_obj(config).applications[0].args)
+    check_args(args)
+    replica = construct(ScoringService.func_or_class, {**args, "store": str(tmp_path / "store")})
+    assert replica.limits.max_attack_steps == args["limits"]["max_attack_steps"]
+    assert replica.bundle.name == args["base_model"]
+    typo = copy.deepcopy(args)
+    typo["limits"]["max_image"] = typo["limits"].pop("max_images")
+    with pytest.raises(OptionError, match="limits.max_image: unknown"):
+        check_args(typo)
+    with pytest.raises(OptionError, match="limits.max_image"):
+        construct(ScoringService.func_or_class, typo)

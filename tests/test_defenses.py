@@ -129,6 +129,45 @@ def test_eot_and_lora_surrogate_run(person, tiny_bundle):
     assert out.shape == person.set_B.shape
 
 
+def test_eot_makes_the_perturbation_survive_its_transform():
+    """The objective rewards a checkerboard (which blur erases) a little more than a
+    uniform shift (which blur keeps). Plain PGD takes the checkerboard; through blur,
+    EOT finds the shift, so after blurring its loss is the higher one."""
+    from antipers.defenses.pgd import PGDConfig, eot_transforms, pgd
+
+    blur = eot_transforms(["blur"], None)[0]
+    yy, xx = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    weights = ((((yy + xx) % 2) * 2 - 1).float() + 0.3).expand(1, 3, 32, 32)
+    clean = torch.full((1, 3, 32, 32), 0.5)
+
+    def loss(x, step=0):
+        return (x * weights).mean()
+
+    config = PGDConfig(eps=8, step_size=1, steps=10)
+    plain = pgd(clean, clean, loss, config, torch.Generator().manual_seed(0))
+    eot = pgd(clean, clean, loss, config, torch.Generator().manual_seed(0), eot=[blur])
+    assert loss(blur(eot)) > loss(blur(plain)) + 0.5 / 255
+    assert loss(plain) > loss(eot)  # without the transform, plain PGD is the better one
+
+
+@pytest.mark.parametrize("peak, expected", [(400, 400), (1000, 1000), (-500, 100)])
+def test_simac_greedy_search_stops_where_the_gain_stops_rising(tiny_bundle, peak, expected):
+    """On a constructed gain that peaks at ``peak``, lowering the upper timestep by 100
+    from 1000 stops at the peak (or at search_min_t)."""
+    from antipers.defenses.simac import SimAC
+    from antipers.defenses.surrogate_pgd import RunState
+
+    class KnownGain(SimAC):
+        def gain(self, bundle, x, clean, t_hi, generator):
+            return -((t_hi - peak) ** 2)
+
+    state = RunState()
+    search = KnownGain(search_delta=100, search_min_t=100)
+    x = torch.zeros(1, 3, 16, 16)
+    search.before_pgd(tiny_bundle, x, x, torch.Generator(), 0, state)
+    assert state.t_range == (0, expected) and state.extra["t_max"] == [expected]
+
+
 def test_simac_search_narrows_to_the_interval_it_reports(person, tiny_bundle):
     defense = DEFENSES.build("simac", {**DEFENSE_PARAMS["simac"], "search_min_t": 100})
     result = defense.protect(person, tiny_bundle, torch.Generator().manual_seed(0))
@@ -146,16 +185,33 @@ def test_vgg_extractor_needs_local_weights(tmp_path):
         vgg_features(str(bad), (), torch.device("cpu"))
 
 
-@pytest.mark.slow
-def test_vgg_extractor_from_a_local_file(tmp_path, person, tiny_bundle):
+@pytest.fixture(scope="module")
+def vgg_file(tmp_path_factory):
+    """A random-init (seeded) torchvision VGG-19 state dict in a file, as a user's
+    downloaded weights would be."""
     from torchvision.models import vgg19
 
     torch.manual_seed(0)
-    path = tmp_path / "vgg19.pth"
+    path = tmp_path_factory.mktemp("vgg") / "vgg19.pth"
     torch.save(vgg19(weights=None).state_dict(), path)
-    feats = vgg_features(str(path), (1, 6), torch.device("cpu"))(person.set_B)
+    return path
+
+
+def test_vgg_extractor_from_a_local_file(vgg_file, person):
+    extract = vgg_features(str(vgg_file), (1, 6), torch.device("cpu"))
+    feats = extract(person.set_B)
     assert [f.shape[1] for f in feats] == [64, 128]
-    out = protect("cap-aspl", person, tiny_bundle, cap_extractor="vgg19", cap_vgg_weights=str(path))
+    again = extract(person.set_B)
+    other = extract(person.set_B.flip(-1))
+    assert all(torch.equal(a, b) for a, b in zip(feats, again, strict=True))
+    assert not torch.allclose(feats[1], other[1])  # features of the content, not constant
+
+
+@pytest.mark.slow
+def test_cap_aspl_with_the_vgg_extractor(vgg_file, person, tiny_bundle):
+    out = protect(
+        "cap-aspl", person, tiny_bundle, cap_extractor="vgg19", cap_vgg_weights=str(vgg_file)
+    )
     assert out.shape == person.set_B.shape
 
 

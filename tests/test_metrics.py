@@ -97,8 +97,30 @@ def test_experiment_records_every_metric_family():
     agg = {r["metric"]: r for r in rows if r["image_index"] == -1}
     assert 0 < agg["linf"]["value"] <= 4
     assert agg["brisque"]["status"] == "ok" and np.isfinite(agg["brisque"]["value"])
-    assert agg["linkability"]["metric"] == "linkability"
+    assert agg["linkability"]["status"] == "ok"
+    link, fdfr = agg["linkability"]["value"], agg["fdfr"]["value"]
+    # random tiny-model images: linkability is a rate over the faces found, NaN with none
+    assert np.isnan(link) if fdfr == 1.0 else 0 <= link <= 1
     assert agg["linkability:gallery_size"]["value"] == 2  # both synthetic identities
+
+
+def test_linkability_has_a_known_answer():
+    """A person's own photos link to them and to nobody else in the gallery."""
+    from antipers.data.synthetic import SyntheticDataset
+    from antipers.metrics.identity import Linkability
+
+    dataset = SyntheticDataset(n_identities=3)
+    people = {name: dataset.load(name, 64) for name in dataset.identities()}
+    gallery = {name: person.set_A for name, person in people.items()}
+    alice, bob = people["synth-0000"], people["synth-0001"]
+    own = evaluate(
+        Linkability(), ScoreInputs(alice.set_B, alice.set_A, "synth-0000", gallery=gallery)
+    )
+    assert own.status == "ok" and own.aggregate == 1.0 and list(own.values) == [1.0] * 4
+    claimed = evaluate(
+        Linkability(), ScoreInputs(alice.set_B, bob.set_A, "synth-0001", gallery=gallery)
+    )
+    assert claimed.status == "ok" and claimed.aggregate == 0.0
 
 
 def test_lpips_through_pyiqa_with_random_init_weights(faces, tmp_path, monkeypatch):
