@@ -81,10 +81,14 @@ def test_a_killed_worker_is_restarted_and_no_experiment_is_lost(ray_address, tmp
     campaign = load_campaign(campaign_file(tmp_path, seeds=[0, 1, 2]))
     store = ResultStore(str(tmp_path / "store"))
     pids: list[int] = []
+    attacks: dict[int, int] = {}  # attack executions begun, per worker process
+    protects: list[int] = []
 
     def kill_attack_worker(spec, rows, pools):
-        actor = pools["attack"].actors[0]
-        pids.append(ray.get(actor.info.remote())["pid"])
+        info = ray.get(pools["attack"].actors[0].info.remote())
+        pids.append(info["pid"])
+        attacks[info["pid"]] = info["started"]["attack"]
+        protects.append(ray.get(pools["defense"].actors[0].info.remote())["started"]["protect"])
         if len(pids) == 1:  # mid-campaign: later experiments are queued on this worker
             os.kill(pids[0], signal.SIGKILL)
 
@@ -95,6 +99,11 @@ def test_a_killed_worker_is_restarted_and_no_experiment_is_lost(ray_address, tmp
     assert len(set(pids)) >= 2  # the worker came back as a new process
     files = stored_files(tmp_path / "store")
     assert files == sorted(f"{sid}.parquet" for sid in campaign.spec_ids)  # each exactly once
+    # executions: each experiment once, plus at most those in flight at the kill (3)
+    n = len(campaign.specs)
+    assert n <= protects[-1] <= n + 3, protects
+    killed, *restarted = attacks
+    assert restarted and n - attacks[killed] <= sum(attacks[p] for p in restarted) <= n, attacks
 
 
 def test_a_driver_killed_mid_campaign_finishes_on_rerun(ray_address, tmp_path):

@@ -93,6 +93,7 @@ class StageWorker:
         from antipers.device import pick_device
 
         self.role = role
+        self.started = {"protect": 0, "attack": 0, "score": 0}  # stage executions begun
         node = ray.get_runtime_context().get_node_id()
         self.ctx = RunContext(device=pick_device(device), name=f"{node[:12]}:{os.getpid()}")
         threads = os.environ.get("OMP_NUM_THREADS")
@@ -107,15 +108,19 @@ class StageWorker:
             "pid": os.getpid(),
             "device": str(self.ctx.device),
             "resident_models": self.ctx.resident_models(),
+            "started": dict(self.started),
         }
 
     def protect(self, spec: ExperimentSpec) -> Handoff:
+        self.started["protect"] += 1
         return protect_stage(spec, self.ctx, _quiet).portable()
 
     def attack(self, spec: ExperimentSpec, handoff: Handoff) -> Handoff:
+        self.started["attack"] += 1
         return attack_stage(spec, self.ctx, handoff, _quiet).portable()
 
     def score(self, spec: ExperimentSpec, handoff: Handoff) -> Handoff:
+        self.started["score"] += 1
         return score_stage(spec, self.ctx, handoff, _quiet).portable()
 
 
