@@ -141,7 +141,11 @@ def test_a_driver_killed_mid_campaign_finishes_on_rerun(ray_address, tmp_path):
     assert f"{done_before} already in" in second.stderr
     assert stored_files(store_dir) == sorted(f"{sid}.parquet" for sid in spec_ids)
     rows = ResultStore(str(store_dir)).load()
-    assert rows.groupby("spec_id")["started_at"].nunique().eq(1).all()  # none ran twice
+    assert rows.groupby("spec_id")["started_at"].nunique().eq(1).all()  # rows exactly once
+    # the rerun's workers executed each missing experiment's stages once, nothing more
+    missing = len(spec_ids) - done_before
+    for stage in ("protect", "attack", "score"):
+        assert f"{stage} {missing}" in second.stderr.split("stage executions:")[1], second.stderr
 
 
 def test_workers_that_cannot_be_placed_are_refused(ray_address):

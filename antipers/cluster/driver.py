@@ -42,6 +42,8 @@ class CampaignReport:
     resubmitted: int = 0
     seconds: float = 0.0
     failures: dict[str, str] = field(default_factory=dict)  # spec_id -> first line
+    # stage executions begun by the workers at the end (a restarted one: since its restart)
+    executions: dict[str, int] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -52,6 +54,11 @@ class CampaignReport:
             f"{self.total} experiments: {self.skipped} already stored, {self.ok} ran, "
             f"{self.failed} failed, {self.resubmitted} resubmitted after a worker died "
             f"({self.seconds:.0f} s)"
+            + (
+                "; stage executions: " + ", ".join(f"{k} {v}" for k, v in self.executions.items())
+                if self.executions
+                else ""
+            )
         )
 
 
@@ -187,8 +194,24 @@ def run_campaign(
                 on_result(job.spec, rows, pools)
     finally:
         bar.close()
+        report.executions = _executions(pools)
         for pool in pools.values():
             for actor in pool.actors:
                 ray.kill(actor, no_restart=True)
     report.seconds = time.perf_counter() - t_start
     return report
+
+
+def _executions(pools: dict[str, Any]) -> dict[str, int]:
+    """Each role's own stage, summed over its live workers (best effort: a dead one
+    is skipped)."""
+    totals: dict[str, int] = {}
+    for role, pool in pools.items():
+        for actor in pool.actors:
+            try:
+                info = ray.get(actor.info.remote(), timeout=30)
+            except (ray.exceptions.RayError, TimeoutError):
+                continue
+            stage = {"defense": "protect", "attack": "attack", "scoring": "score"}[role]
+            totals[stage] = totals.get(stage, 0) + info["started"][stage]
+    return totals
