@@ -22,6 +22,8 @@ class CLIError(UserError):
 def _parse_set(items: Sequence[str]) -> dict[str, Any]:
     import yaml
 
+    from antipers.spec import non_string_key
+
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -31,6 +33,9 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
             out[key] = yaml.safe_load(value)
         except yaml.YAMLError as exc:
             raise CLIError(f"--set {item!r}: cannot parse the value ({exc})") from None
+        bad = non_string_key(out[key], ())
+        if bad is not None:
+            raise CLIError(f"--set {item!r}: key {bad[1]!r} is not a name; keys are strings")
     return out
 
 
@@ -317,7 +322,10 @@ def cmd_train_mini(args: argparse.Namespace) -> int:
         for name in ("seed", "pool", "vae_steps", "unet_steps")
         if getattr(args, name) is not None
     }
-    config = MiniTrainConfig(**overrides)
+    try:
+        config = MiniTrainConfig(**overrides)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
     folder = train_mini(Path(args.out), config, _device(args.device))
     print(f"wrote {folder} (checkpoints and loss log in {Path(args.out) / 'work'})")
     return 0

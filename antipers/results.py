@@ -23,6 +23,8 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from antipers.errors import UserError
+
 SCHEMA_VERSION = 3  # 2: `worker` (where the rows were computed); 3: `subject`
 AGGREGATE_INDEX = -1
 OK, ERROR = "ok", "error"
@@ -70,6 +72,10 @@ def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
+class StoreError(UserError, OSError):
+    """A store URI or folder that cannot be opened; the message names it."""
+
+
 @dataclass
 class ResultStore:
     """One Parquet file per experiment: ``<spec_id>.parquet`` (ok) or
@@ -78,13 +84,16 @@ class ResultStore:
     uri: str
 
     def __post_init__(self) -> None:
-        if "://" in self.uri:
-            self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
-        else:
-            self.fs = pafs.LocalFileSystem()
-            self.root = str(Path(self.uri).expanduser().absolute())
-        self.root = self.root.rstrip("/")
-        self.fs.create_dir(self.root, recursive=True)
+        try:
+            if "://" in self.uri:
+                self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
+            else:
+                self.fs = pafs.LocalFileSystem()
+                self.root = str(Path(self.uri).expanduser().absolute())
+            self.root = self.root.rstrip("/")
+            self.fs.create_dir(self.root, recursive=True)
+        except (OSError, ValueError) as exc:  # pyarrow: an unknown scheme is ArrowInvalid
+            raise StoreError(f"store {self.uri}: cannot be used ({exc})") from None
 
     def _path(self, spec_id: str, status: str) -> str:
         suffix = ".parquet" if status == OK else ".error.parquet"

@@ -21,6 +21,7 @@ def one_line_error(capsys, code: int, *needles: str, lines: int = 1) -> str:
     """``lines``: a folder with several bad photos gets one line per photo."""
     err = capsys.readouterr().err.strip()
     assert code == 2, err
+    err = err[err.find("error: ") :] if "\nerror: " in err else err  # after progress lines
     assert err.startswith("error: ") and "Traceback" not in err, err
     assert len(err.splitlines()) == lines, err
     for needle in needles:
@@ -277,6 +278,8 @@ def serve_config(tmp_path, args: dict) -> str:
         ({"base_model": "sd15"}, ["base model 'sd15'", "does not exist"]),
         ({"base_model": "nope"}, ["args.base_model", "nope"]),
         ({"evaluation_defaults": {"dataset": "x"}}, ["evaluation_defaults.dataset: unknown"]),
+        ({"batching": {"max_requests": 0}}, ["batching.max_requests"]),
+        ({"batching": [1]}, ["batching: expected a mapping"]),
     ],
 )
 def test_serve_refuses_a_bad_config_before_starting(tmp_path, capsys, monkeypatch, args, needles):
@@ -292,3 +295,27 @@ def test_serve_names_a_busy_port(tmp_path, capsys):
         port = taken.getsockname()[1]
         code = main(["serve", "--port", str(port)])
     one_line_error(capsys, code, f"--port {port}", "cannot listen")
+
+
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["models", "train-mini", "--out", "OUT", "--pool", "0"], ["pool must be >= 1"]),
+        (["run", "CAMPAIGN", "--store", "OUT", "--gpus", "1.5"], ["a share above 1 must be whole"]),
+        (["report", "--store", "nope://x", "--out", "OUT"], ["store nope://x: cannot be used"]),
+        (["experiment", "BINARY", "--store", "OUT"], ["not a text file"]),
+        (
+            ["experiment", "SPEC", "--store", "OUT", "--set", "defense={1: 2}"],
+            ["key 1 is not a name"],
+        ),
+    ],
+)
+def test_more_user_mistakes_get_one_line(tmp_path, capsys, argv, needles):
+    campaign = write_campaign(tmp_path, CAMPAIGN.replace("IDS", "all"))
+    binary = tmp_path / "spec.yaml"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    spec = tmp_path / "ok.yaml"
+    spec.write_text("base_model: tiny\ndataset: synthetic\nidentity: synth-0000\nattack: lora\n")
+    paths = {"OUT": tmp_path / "out", "CAMPAIGN": campaign, "BINARY": binary, "SPEC": spec}
+    code = main([str(paths.get(a, a)) for a in argv])
+    one_line_error(capsys, code, *needles)

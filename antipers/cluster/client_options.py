@@ -23,7 +23,6 @@ _TRAINING = frozenset(
         "steps",
         "lr",
         "batch_size",
-        "grad_accum",
         "lr_schedule",
         "warmup_steps",
         "max_grad_norm",
@@ -96,6 +95,8 @@ class Limits:
     max_sampling_images: int = 32  # generated for scoring
     max_countermeasures: int = 3  # in a chain (/v1/evaluations) or a list (/v1/score)
     max_purify_steps: int = 50
+    max_lora_rank: int = 64
+    max_batch_size: int = 8
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any] | None) -> Limits:
@@ -123,7 +124,7 @@ def check_component(kind: str, value: Any, where: str) -> None:
         name = value.get("name")
     else:
         raise OptionError(f"{where}: expected a name or an object with 'name'")
-    if name not in offered:
+    if not isinstance(name, str) or name not in offered:
         raise OptionError(
             f"{where}: {name!r} is not offered over HTTP; use {', '.join(sorted(offered))}"
         )
@@ -184,6 +185,13 @@ def _at_most(value: Any, limit: int, where: str, name: str) -> None:
 def check_work(spec: ExperimentSpec, limits: Limits) -> None:
     """The work one evaluation starts, with every default filled in."""
     attack = spec.attack.kwargs
+    _at_most(attack.get("rank", 0), limits.max_lora_rank, "options.attack.rank", "max_lora_rank")
+    _at_most(
+        attack.get("batch_size", 0) * attack.get("grad_accum", 1),
+        limits.max_batch_size,
+        "options.attack.batch_size",
+        "max_batch_size",
+    )
     _at_most(
         attack.get("steps", 0), limits.max_attack_steps, "options.attack.steps", "max_attack_steps"
     )

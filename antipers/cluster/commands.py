@@ -212,7 +212,8 @@ def serve_forever(
         raise ClusterError(f"--config {config or '(default)'}: {exc}") from None
     host = host or http.get("host", "127.0.0.1")
     port = port or http.get("port", 8000)
-    _check_port_free(host, port)
+    if not address:  # joining a cluster: its proxy listens there, not here
+        _check_port_free(host, port)
     started = connect(address)
     try:
         url = f"http://{host}:{port}{prefix.rstrip('/')}"

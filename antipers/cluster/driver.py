@@ -194,24 +194,29 @@ def run_campaign(
                 on_result(job.spec, rows, pools)
     finally:
         bar.close()
-        report.executions = _executions(pools)
-        for pool in pools.values():
-            for actor in pool.actors:
-                ray.kill(actor, no_restart=True)
+        try:
+            if sys.exc_info()[0] is None:  # not on Ctrl-C or an error: workers may be busy
+                report.executions = _executions(pools)
+        finally:
+            for pool in pools.values():
+                for actor in pool.actors:
+                    ray.kill(actor, no_restart=True)
     report.seconds = time.perf_counter() - t_start
     return report
 
 
-def _executions(pools: dict[str, Any]) -> dict[str, int]:
-    """Each role's own stage, summed over its live workers (best effort: a dead one
-    is skipped)."""
+def _executions(pools: dict[str, Any], timeout_s: float = 10.0) -> dict[str, int]:
+    """Each role's own stage, summed over its live workers; asked all at once, and a
+    worker that does not answer in time is left out."""
+    stages = {"defense": "protect", "attack": "attack", "scoring": "score"}
+    asked = {actor.info.remote(): role for role, pool in pools.items() for actor in pool.actors}
+    ready, _ = ray.wait(list(asked), num_returns=len(asked), timeout=timeout_s)
     totals: dict[str, int] = {}
-    for role, pool in pools.items():
-        for actor in pool.actors:
-            try:
-                info = ray.get(actor.info.remote(), timeout=30)
-            except (ray.exceptions.RayError, TimeoutError):
-                continue
-            stage = {"defense": "protect", "attack": "attack", "scoring": "score"}[role]
-            totals[stage] = totals.get(stage, 0) + info["started"][stage]
+    for ref in ready:
+        try:
+            info = ray.get(ref)
+        except ray.exceptions.RayError:  # a worker that died at the end
+            continue
+        stage = stages[asked[ref]]
+        totals[stage] = totals.get(stage, 0) + info["started"][stage]
     return totals

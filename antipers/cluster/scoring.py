@@ -374,12 +374,16 @@ def check_args(args: dict[str, Any]) -> None:
             raise OptionError(f"args.{key}: unknown; use {', '.join(known)}")
     Limits.parse(args.get("limits"))
     batching = args.get("batching") or {}
+    if not isinstance(batching, dict):
+        raise OptionError(f"batching: expected a mapping, got {type(batching).__name__}")
+    fields = [f.name for f in dataclasses.fields(Batching)]
+    unknown = sorted(set(batching) - set(fields))
+    if unknown:
+        raise OptionError(f"batching.{unknown[0]}: unknown; use {', '.join(fields)}")
     try:
         Batching(**batching)
-    except TypeError:
-        fields = ", ".join(f.name for f in dataclasses.fields(Batching))
-        unknown = sorted(set(batching) - {f.name for f in dataclasses.fields(Batching)})
-        raise OptionError(f"batching.{unknown[0]}: unknown; use {fields}") from None
+    except ValueError as exc:
+        raise OptionError(str(exc)) from None
     resolution = args.get("resolution", 64)
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 8:
         raise OptionError(f"args.resolution: expected a whole number >= 8, got {resolution!r}")

@@ -42,12 +42,14 @@ class RoleResources:
     gpus: float = 0.0
 
     def __post_init__(self) -> None:
+        from antipers.cluster.runtime import ClusterError  # runtime imports this module
+
         if self.count < 1:
-            raise ValueError(f"count: expected >= 1 worker, got {self.count}")
+            raise ClusterError(f"count: expected >= 1 worker, got {self.count}")
         if self.cpus < 0 or self.gpus < 0:
-            raise ValueError(f"cpus and gpus: expected >= 0, got {self.cpus}, {self.gpus}")
+            raise ClusterError(f"cpus and gpus: expected >= 0, got {self.cpus}, {self.gpus}")
         if self.gpus > 1 and self.gpus != int(self.gpus):
-            raise ValueError(f"gpus: a share above 1 must be whole, got {self.gpus}")
+            raise ClusterError(f"gpus: a share above 1 must be whole, got {self.gpus}")
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from antipers.errors import UserError
 from antipers.models.bundle import DiffusionBundle
 from antipers.models.mini_faces import MINI_TEXT, MINI_UNET, MINI_VAE, write_manifest
 from antipers.models.random_init import build_random_bundle
@@ -333,7 +334,7 @@ def _check_same_run(path: Path, config: MiniTrainConfig) -> None:
     )
     if changed:
         diff = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed)
-        raise ValueError(
+        raise UserError(
             f"train-mini: {path.parent} holds a training with other settings ({diff}); "
             "give another --out, or the same settings to resume it"
         )
