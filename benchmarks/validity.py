@@ -321,7 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     first = set(people[: args.table_people])
     blocks = [(f"the first {len(first)} people", first)]
     if len(people) > len(first):
-        blocks.append((f"all {len(people)} people, where run", set(people)))
+        # the same people in every row: those that every defense stored has run on
+        ran = rows.groupby("defense")["person"].agg(set)
+        common = set(people).intersection(*ran) if len(ran) else set()
+        blocks.append((f"the {len(common)} people every defense has run on", common))
     for title, chosen in blocks:
         frame = table(
             rows[rows["person"].isin(chosen)], floor_rows[floor_rows["person"].isin(chosen)]
