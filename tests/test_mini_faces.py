@@ -142,7 +142,9 @@ def test_damaged_or_missing_file_is_named(trained_small, tmp_path):
 
 def test_resuming_under_other_settings_is_refused(trained_small):
     folder, config = trained_small
-    with pytest.raises(ValueError, match=r"unet_steps: 2 -> 3"):
+    from antipers.errors import UserError
+
+    with pytest.raises(UserError, match=r"unet_steps: 2 -> 3"):  # one line, exit 2
         train_mini(folder.parent, dataclasses.replace(config, unet_steps=3))
 
 

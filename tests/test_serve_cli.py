@@ -87,11 +87,12 @@ def served(ray_address, tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and server.poll() is None:
-        try:
-            requests.get(f"{url}/healthz", timeout=5)
-            break
+        try:  # the proxy answers 404 until the application is deployed
+            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                break
         except requests.RequestException:
-            time.sleep(0.5)
+            pass
+        time.sleep(0.5)
     try:
         yield url, root / "serve.log"
     finally:
