@@ -67,6 +67,25 @@ def generic_loss(
     )
 
 
+def person_loss(attacked: DiffusionBundle, photos: torch.Tensor) -> MetricResult:
+    """The attacked model's diffusion loss on a person's held-out photos (set A, which
+    the attack did not train on), at fixed noise and timesteps: how far the attack got
+    in learning that person. A defense that stops personalization keeps it high for the
+    protected person; for the bystander it should stay where the base model's attack
+    puts it."""
+    from antipers.robustness import diffusion_loss
+
+    values = diffusion_loss(attacked, photos).astype(np.float64)
+    return MetricResult(
+        metric="person_loss",
+        values=values,
+        aggregate=float(values.mean()),
+        backend="antipers",
+        higher_is_better=True,
+        unit="loss",
+    )
+
+
 def generic_generations(
     model: DiffusionBundle, sampler: Any, resolution: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, tuple[str, ...]]:

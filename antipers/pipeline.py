@@ -160,6 +160,7 @@ class Bystander:
     generated: torch.Tensor
     prompts: list[str]
     results: list[MetricResult] = field(default_factory=list)
+    measured: list[MetricResult] = field(default_factory=list)  # in the attack stage
 
 
 @dataclass
@@ -177,6 +178,8 @@ class Handoff:
     results: list[MetricResult] = field(default_factory=list)
     bystander: Bystander | None = None  # model track
     utility: list[MetricResult] = field(default_factory=list)  # model track: generic images
+    # model track: what the attack stage measured on the attacked model (person_loss)
+    measured: list[MetricResult] = field(default_factory=list)
     checks: list[Any] = field(default_factory=list)  # the defense's own measures (backdoors)
     # model track, when CLIP-T or FID is scored: generations, their prompts, references
     generic: tuple[torch.Tensor, list[str], torch.Tensor] | None = None
@@ -268,7 +271,7 @@ def attack_stage(
         handoff.generated = sampler.sample(personalized, spec.resolution, rng)
         handoff.prompts = sampler.image_prompts()
         if spec.track == "model":
-            _model_track(spec, ctx, handoff, model, attack, sampler, say)
+            _model_track(spec, ctx, handoff, model, personalized, attack, sampler, say)
         handoff.model = handoff.personalizer = None
     return handoff
 
@@ -278,21 +281,27 @@ def _model_track(
     ctx: RunContext,
     handoff: Handoff,
     model: DiffusionBundle,
+    personalized: DiffusionBundle,
     attack: Any,
     sampler: Any,
     say: ProgressFn,
 ) -> None:
-    """The same attack for a person who was not protected, and the defended model's
-    generic utility (held-out images; generations on ordinary prompts if scored)."""
+    """The same attack for a person who was not protected, how far each attack got
+    (``person_loss``), and the defended model's generic utility (held-out images;
+    generations on ordinary prompts if scored)."""
     from antipers import model_track
 
     base = ctx.base_model(spec.base_model)
+    handoff.measured = [model_track.person_loss(personalized, ctx.identity(spec).set_A)]
     other = model_track.bystander_of(spec, ctx.dataset(spec.dataset).identities())
     say(f"personalize bystander {other}")
-    photos = ctx.person(spec.dataset, other, spec.resolution).set_B.to(ctx.device)
-    theirs = attack.personalize(photos, model, stage_rng(spec.seed, "personalize"))
+    person = ctx.person(spec.dataset, other, spec.resolution)
+    theirs = attack.personalize(
+        person.set_B.to(ctx.device), model, stage_rng(spec.seed, "personalize")
+    )
     generated = sampler.sample(theirs, spec.resolution, stage_rng(spec.seed, "sample"))
     handoff.bystander = Bystander(other, generated, list(sampler.image_prompts()))
+    handoff.bystander.measured = [model_track.person_loss(theirs, person.set_A)]
     held_out = model_track.held_out_images(base, attack, spec.resolution)
     handoff.utility = [model_track.generic_loss(model, base, held_out)]
     if any(m.name in model_track.PROMPT_SET_METRICS for m in spec.metrics):
@@ -328,6 +337,7 @@ def score_stage(
         if spec.track == "immunization":  # utility: the avatars still look like the person
             checks.append(SubjectLikeness(identity.set_A))
         handoff.results += [own_measure(c, base, handoff.generated) for c in checks]
+        handoff.results += handoff.measured
         if handoff.bystander is not None:
             other = ctx.person(spec.dataset, handoff.bystander.identity, spec.resolution)
             inputs = ScoreInputs(
@@ -343,6 +353,7 @@ def score_stage(
             handoff.bystander.results += [
                 own_measure(c, base, handoff.bystander.generated) for c in handoff.checks
             ]
+            handoff.bystander.results += handoff.bystander.measured
         if handoff.generic is not None:
             from antipers.model_track import PROMPT_SET_METRICS
 

@@ -50,6 +50,18 @@ from antipers.results import ResultStore
 CAMPAIGN = Path(__file__).resolve().parents[1] / "antipers" / "campaigns" / "validity.yaml"
 STORE = Path(__file__).resolve().parent / "results" / "validity"
 METRICS = ("fdfr", "ism", "linkability", "brisque", "psnr")
+# the model track: how far the attack got on the protected person, the same attack on a
+# bystander (it must still work), and the protected model's loss on generic images
+MODEL_METRICS = (
+    "fdfr",
+    "ism",
+    "linkability",
+    "person_loss",
+    "bystander_ism",
+    "bystander_linkability",
+    "bystander_person_loss",
+    "generic_loss_gain",
+)
 FLOOR = "floor (no personalization)"
 
 
@@ -59,8 +71,21 @@ def person(spec) -> str:
 
 
 def row_people(rows: pd.DataFrame) -> pd.Series:
-    datasets = rows["spec_json"].map(lambda text: json.loads(text)["dataset"].get("seed", 0))
-    return datasets.astype(str) + "/" + rows["identity"]
+    """The experiment's person (a bystander's rows belong to the protected person's
+    experiment)."""
+    specs = rows["spec_json"].map(json.loads)
+    return specs.map(lambda s: f"{s['dataset'].get('seed', 0)}/{s['identity']}")
+
+
+def by_subject(rows: pd.DataFrame) -> pd.DataFrame:
+    """The model track's bystander rows as their own metrics (``bystander_ism``); the
+    generic-image rows keep their names."""
+    if "subject" not in rows:
+        return rows
+    rows = rows.copy()
+    other = rows["subject"] == "unprotected"
+    rows.loc[other, "metric"] = "bystander_" + rows.loc[other, "metric"]
+    return rows
 
 
 def protection_key(spec) -> str:
@@ -115,7 +140,10 @@ def floor(specs, store: ResultStore, ctx: RunContext) -> None:
     read when nothing learned the person (and whether the base model makes faces)."""
     done = store.finished_ids()
     for spec in {person(s): s for s in specs if s.defense.name == "none"}.values():
-        spec = spec.override({"suite": "validity-floor-v2", "countermeasure": "none"})
+        # the image track's floor: the same spec whichever campaign asks for it
+        spec = spec.override(
+            {"suite": "validity-floor-v2", "countermeasure": "none", "track": "image"}
+        )
         if spec.spec_id in done:
             continue
         identity = ctx.identity(spec)
@@ -129,27 +157,30 @@ def floor(specs, store: ResultStore, ctx: RunContext) -> None:
         store.write(experiment_rows(spec, handoff))
 
 
-def table(rows: pd.DataFrame, floor_rows: pd.DataFrame) -> pd.DataFrame:
+def table(
+    rows: pd.DataFrame, floor_rows: pd.DataFrame, metrics: tuple[str, ...] = METRICS
+) -> pd.DataFrame:
     rules = load_boards().defaults
     agg = rows[(rows["image_index"] == -1) & (rows["status"] == "ok")]
-    agg = agg[agg["metric"].isin(METRICS)]
+    agg = agg[agg["metric"].isin(metrics)]
     out = []
     keys = ["attack", "countermeasure", "defense"]
     order = {d: i for i, d in enumerate(["none", "aspl", "fsmg", "simac", "cap-aspl"])}
     for values, group in agg.groupby(keys, sort=False):
-        out.append(_line(dict(zip(keys, values, strict=True)), group, rules))
+        out.append(_line(dict(zip(keys, values, strict=True)), group, rules, metrics))
     fl = floor_rows[(floor_rows["image_index"] == -1) & (floor_rows["status"] == "ok")]
     if not fl.empty:
-        out.append(_line({"attack": "-", "countermeasure": "-", "defense": FLOOR}, fl, rules))
+        key = {"attack": "-", "countermeasure": "-", "defense": FLOOR}
+        out.append(_line(key, fl, rules, metrics))
     frame = pd.DataFrame(out)
     frame["_o"] = frame["defense"].map(order).fillna(99)
     return frame.sort_values(["attack", "countermeasure", "_o"]).drop(columns="_o")
 
 
-def _line(key: dict, group: pd.DataFrame, rules) -> dict:
+def _line(key: dict, group: pd.DataFrame, rules, metrics: tuple[str, ...]) -> dict:
     line = dict(key)
     line["n"] = group["person"].nunique()
-    for metric in METRICS:
+    for metric in metrics:
         per_identity = group[group["metric"] == metric].groupby("person")["value"].mean()
         values = per_identity.dropna().to_numpy()
         low, high = mean_interval(values, rules)
@@ -158,20 +189,20 @@ def _line(key: dict, group: pd.DataFrame, rules) -> dict:
     return line
 
 
-def show(frame: pd.DataFrame) -> str:
+def show(frame: pd.DataFrame, metrics: tuple[str, ...] = METRICS) -> str:
     def cell(r, m):
         if pd.isna(r[m]):
             return "-"
         digits = 1 if m in ("brisque", "psnr") else 3
         return f"{r[m]:.{digits}f} [{r[m + '_lo']:.{digits}f}, {r[m + '_hi']:.{digits}f}]"
 
-    head = ["attack", "countermeasure", "defense", "n", *METRICS]
+    head = ["attack", "countermeasure", "defense", "n", *metrics]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for _, r in frame.iterrows():
         lines.append(
             " | ".join(
                 [r["attack"], r["countermeasure"], r["defense"], str(r["n"])]
-                + [cell(r, m) for m in METRICS]
+                + [cell(r, m) for m in metrics]
             )
         )
     return "\n".join(lines)
@@ -203,13 +234,28 @@ def checks(frame: pd.DataFrame) -> list[str]:
             )
         for defense in by.index.drop("none"):
             d = by.loc[defense]
-            out.append(
-                f"{attack} / {cm}: {defense} ISM {n['ism']:.3f} -> {d['ism']:.3f} "
-                f"(apart: {apart(n, d, 'ism')}), linkability {n['linkability']:.3f} -> "
-                f"{d['linkability']:.3f} (apart: {apart(n, d, 'linkability')}), "
-                f"PSNR {d['psnr']:.1f} dB"
-            )
+            parts = [
+                f"{m} {n[m]:.3f} -> {d[m]:.3f} (apart: {apart(n, d, m)})"
+                for m in COMPARED
+                if m in d and pd.notna(d[m])
+            ]
+            if "psnr" in d and pd.notna(d["psnr"]):
+                parts.append(f"PSNR {d['psnr']:.1f} dB")
+            if "generic_loss_gain" in d and pd.notna(d["generic_loss_gain"]):
+                parts.append(f"generic_loss_gain {d['generic_loss_gain']:+.4f}")
+            out.append(f"{attack} / {cm}: {defense} " + ", ".join(parts))
     return out
+
+
+# what a defense must change against the undefended attack (bystander: must not)
+COMPARED = (
+    "ism",
+    "linkability",
+    "person_loss",
+    "bystander_ism",
+    "bystander_linkability",
+    "bystander_person_loss",
+)
 
 
 def paired(rows: pd.DataFrame) -> list[str]:
@@ -223,7 +269,7 @@ def paired(rows: pd.DataFrame) -> list[str]:
         by = group.pivot_table(index="person", columns=["metric", "defense"], values="value")
         for defense in sorted(set(group["defense"]) - {"none"}):
             parts = []
-            for metric in ("fdfr", "ism", "linkability"):
+            for metric in ("fdfr", *COMPARED):
                 if (metric, "none") not in by or (metric, defense) not in by:
                     continue
                 diff = (by[(metric, defense)] - by[(metric, "none")]).dropna().to_numpy()
@@ -311,8 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         run(specs, store, ctx)
         floor(specs, floor_store, ctx)
     wanted = {s.spec_id for s in specs}
-    rows = store.load()
+    rows = by_subject(store.load())
     rows = rows[rows["spec_id"].isin(wanted)]
+    metrics = MODEL_METRICS if specs and specs[0].track == "model" else METRICS
     floor_rows = floor_store.load()
     if rows.empty:
         print("nothing stored yet for these experiments")
@@ -327,12 +374,14 @@ def main(argv: list[str] | None = None) -> int:
         blocks.append((f"the {len(common)} people every defense has run on", common))
     for title, chosen in blocks:
         frame = table(
-            rows[rows["person"].isin(chosen)], floor_rows[floor_rows["person"].isin(chosen)]
+            rows[rows["person"].isin(chosen)],
+            floor_rows[floor_rows["person"].isin(chosen)],
+            metrics,
         )
         if title != blocks[0][0]:
             frame = frame[frame["n"] > len(first)]
         print(f"## {title}\n")
-        print(show(frame))
+        print(show(frame, metrics))
         print()
         for line in checks(frame) + paired(rows[rows["person"].isin(chosen)]):
             print("- " + line)

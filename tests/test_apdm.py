@@ -150,6 +150,16 @@ def test_model_track_rows_name_each_subject(tmp_path, generic_dir):
         }, defense
         ism = {r["subject"]: r["higher_is_better"] for r in agg if r["metric"] == "ism"}
         assert ism == {"protected": False, "unprotected": True}  # bystander ISM is utility
+        # how far each attack got, on each person's held-out photos: a failed attack is
+        # the defense's success for the protected person, the bystander's loss is utility
+        loss = {r["subject"]: r for r in agg if r["metric"] == "person_loss"}
+        assert {s: r["higher_is_better"] for s, r in loss.items()} == {
+            "protected": True,
+            "unprotected": False,
+        }
+        assert all(np.isfinite(r["value"]) and r["value"] > 0 for r in loss.values())
+        per_photo = [r for r in got if r["metric"] == "person_loss" and r["image_index"] >= 0]
+        assert len(per_photo) == 2 * len(ctx.identity(spec).set_A)
         generic = {r["metric"]: r for r in agg if r["subject"] == "generic"}
         assert set(generic) == {"generic_loss_gain", "clip-t"}
         assert generic["clip-t"]["status"] == "unavailable"  # says why, invents nothing

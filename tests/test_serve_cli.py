@@ -1,5 +1,5 @@
 """`antipers serve` as a user starts it: a subprocess that joins Ray, serves HTTP on
-127.0.0.1 from serve/scoring.yaml, and stops on Ctrl-C."""
+127.0.0.1 from a Serve config, refuses bad requests by name, and stops on Ctrl-C."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,31 +20,6 @@ from PIL import Image
 from tests.conftest import REPO
 
 requests = pytest.importorskip("requests")
-
-
-def test_antipers_serve_answers_healthz_and_stops_on_ctrl_c(ray_address):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "antipers.cli", "serve", "--config", "serve/scoring.yaml"]
-    command += ["--port", str(port), "--address", ray_address]
-    server = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
-    try:
-        deadline, health = time.monotonic() + 180, None
-        while time.monotonic() < deadline and server.poll() is None:
-            try:
-                health = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).json()
-                break
-            except requests.RequestException:  # proxy up before the app is deployed
-                time.sleep(0.5)
-        assert health is not None and health["status"] == "ok", "the service did not come up"
-        assert health["base_model"] == "tiny" and health["limits"]["max_images"] == 16
-        docs = requests.get(f"http://127.0.0.1:{port}/docs", timeout=10)
-        assert docs.status_code == 200 and "swagger" in docs.text.lower()
-    finally:
-        server.send_signal(signal.SIGINT)
-        out, _ = server.communicate(timeout=60)
-    assert server.returncode == 0 and f"http://127.0.0.1:{port}" in out
 
 
 TOKEN = "tok-3f9a7c1e-never-logged"
@@ -94,11 +70,27 @@ def served(ray_address, tmp_path_factory):
             pass
         time.sleep(0.5)
     try:
-        yield url, root / "serve.log"
+        yield Served(url, root / "serve.log", server)
     finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(timeout=60)
+        if server.poll() is None:
+            server.send_signal(signal.SIGINT)
+            server.wait(timeout=60)
         log.close()
+
+
+@dataclass
+class Served:
+    url: str
+    log: Path
+    process: subprocess.Popen
+
+
+def test_the_service_answers_healthz_and_docs(served):
+    health = requests.get(f"{served.url}/healthz", timeout=30).json()
+    assert health["status"] == "ok" and health["base_model"] == "tiny"
+    assert health["limits"]["max_images"] == LIMITS["max_images"]
+    docs = requests.get(f"{served.url}/docs", timeout=10)
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
 
 
 def _face() -> bytes:
@@ -302,7 +294,7 @@ BAD_REQUESTS = [
 def test_a_real_service_refuses_each_bad_request_by_name(
     served, what, path, files, options, headers, status, words
 ):
-    url, _ = served
+    url = served.url
     data = None
     if options is not None:
         data = {"options": options if isinstance(options, str) else json.dumps(options)}
@@ -324,7 +316,7 @@ def test_a_real_service_refuses_each_bad_request_by_name(
 def test_the_token_is_in_no_log_line(served, ray_address):
     import ray
 
-    url, log = served
+    url, log = served.url, served.log
     ok = requests.post(
         f"{url}{SCORE}",
         files=_files(),
@@ -338,3 +330,12 @@ def test_the_token_is_in_no_log_line(served, ray_address):
     assert len(logs) > 5
     leaked = [p for p in logs if TOKEN.encode() in p.read_bytes()]
     assert not leaked, leaked
+
+
+def test_ctrl_c_stops_the_service_cleanly(served):
+    """Last in this module: it ends the shared service, as a user's Ctrl-C would."""
+    served.process.send_signal(signal.SIGINT)
+    assert served.process.wait(timeout=60) == 0
+    assert served.url in served.log.read_text()
+    with pytest.raises(requests.RequestException):
+        requests.get(f"{served.url}/healthz", timeout=5)
