@@ -66,3 +66,22 @@ def test_bad_campaigns_are_refused_naming_line_and_field(tmp_path, change, expec
     with pytest.raises(CampaignError) as err:
         load_campaign(path)
     assert expected in str(err.value) and str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["demo", "validity", "validity-model"])
+def test_shipped_campaigns_load_with_the_sizes_their_headers_state(name):
+    from pathlib import Path
+
+    import antipers
+
+    path = Path(antipers.__file__).parent / "campaigns" / f"{name}.yaml"
+    campaign = load_campaign(path)
+    specs = campaign.specs
+    people = {(s.dataset.kwargs.get("seed", 0), s.identity) for s in specs}
+    expected = {"demo": 3, "validity": 40, "validity-model": 8}[name]
+    assert len(people) == expected
+    if name == "validity-model":  # APDM against both attackers, on the model track
+        assert {s.track for s in specs} == {"model"}
+        assert {(s.defense.name, s.attack.name) for s in specs} == {
+            (d, a) for d in ("none", "apdm") for a in ("dreambooth", "lora")
+        }
