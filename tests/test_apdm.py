@@ -102,6 +102,49 @@ def test_the_personalization_path_reaches_the_model_only_through_gradients(
     assert all(torch.equal(v, before[k]) for k, v in tiny_bundle.unet.state_dict().items())
 
 
+@pytest.fixture(scope="module")
+def retain_dir(tmp_path_factory):
+    """Two people who are not protected, in the Anti-DreamBooth layout."""
+    folder = tmp_path_factory.mktemp("retain")
+    people = DATASETS.build("synthetic", {"n_identities": 7})
+    for name in ("synth-0005", "synth-0006"):
+        photos = people.load(name, 64)
+        for part in ("set_A", "set_B", "set_C"):
+            images = getattr(photos, part)
+            write_png(images, [folder / name / part / f"{i}.png" for i in range(len(images))])
+    return str(folder)
+
+
+def test_the_retention_path_keeps_others_personalizable(
+    tiny_bundle, person, generic_dir, retain_dir
+):
+    """With DPO and prior off, retention is the only force: it must move the weights
+    (where beta 0 alone leaves them exactly the base's) and lower the retained people's
+    held-out loss under the attacker's prompt, one path per iteration, people in turn."""
+    from antipers.data.folders import AntiDreamBoothFolders
+    from tests.conftest import eval_loss
+
+    apdm = APDM(
+        **FAST,
+        beta=0.0,
+        prior_weight=0.0,
+        paired_dir=generic_dir,
+        retain_dir=retain_dir,
+        retain_weight=1.0,
+    )
+    protected, trace = apdm.train(person, tiny_bundle, torch.Generator().manual_seed(0))
+    assert len(trace.retain) == FAST["iterations"] and all(map(math.isfinite, trace.retain))
+    held_out = torch.cat(
+        [AntiDreamBoothFolders(retain_dir).load(n, 64).set_A for n in ("synth-0005", "synth-0006")]
+    )
+    assert eval_loss(protected, held_out) < eval_loss(tiny_bundle, held_out)
+    # the retained photos are part of what the protected model depends on
+    plain = APDM(**FAST, paired_dir=generic_dir)
+    assert apdm.record(person, tiny_bundle)["params"]["retain_dir"] != retain_dir
+    assert "retain_dir" in apdm.record(person, tiny_bundle)["params"]
+    assert plain.record(person, tiny_bundle)["params"]["retain_dir"] == ""
+
+
 def test_protected_model_is_saved_as_diffusers_folder_and_reused(
     tiny_bundle, person, generic_dir, tmp_path
 ):
@@ -126,6 +169,10 @@ def test_bad_settings_are_refused():
             APDM(**bad)
     with pytest.raises(ValueError, match="paired_dir"):
         APDM(paired_dir="/nonexistent-folder").paired_images(None, 64)
+    with pytest.raises(ValueError, match="retain_weight: expected >= 0"):
+        APDM(retain_weight=-1.0, retain_dir="x")
+    with pytest.raises(ValueError, match="retain_weight: needs retain_dir"):
+        APDM(retain_weight=1.0)
 
 
 def test_model_track_rows_name_each_subject(tmp_path, generic_dir):

@@ -93,6 +93,36 @@ def test_gradient_checkpointing_changes_memory_not_results(tiny_bundle, photos):
     assert not tiny_bundle.unet.is_gradient_checkpointing  # restored
 
 
+def test_a_posterior_encoded_once_draws_what_encoding_each_step_draws(tiny_bundle, photos):
+    """finetune encodes each photo once and samples its posterior per step: the draws
+    must be the ones per-step encoding gives (same generator, same numbers), chunked or
+    not."""
+    idx = torch.tensor([2, 0])
+    with torch.no_grad():
+        once = tiny_bundle.posterior(photos, chunk=3)[idx].latents(torch.Generator().manual_seed(7))
+        each = tiny_bundle.encode(photos[idx], torch.Generator().manual_seed(7))
+        mean = tiny_bundle.posterior(photos)[idx].latents()
+    assert torch.allclose(once, each, atol=1e-5)
+    assert torch.allclose(mean, tiny_bundle.encode(photos[idx]), atol=1e-5)
+    assert not torch.allclose(once, mean)  # a draw, not the mean
+
+
+def test_the_fused_optimizer_trains_like_the_plain_one():
+    from antipers.attacks.training import adamw
+
+    weights = [torch.nn.Parameter(torch.randn(64, generator=torch.Generator().manual_seed(0)))]
+    twin = [torch.nn.Parameter(weights[0].detach().clone())]
+    fused, plain = adamw(weights, 1e-2, 1e-2), torch.optim.AdamW(twin, 1e-2, weight_decay=1e-2)
+    assert fused.defaults["fused"]
+    for _ in range(5):
+        for params, optimizer in ((weights, fused), (twin, plain)):
+            params[0].pow(2).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert torch.allclose(weights[0], twin[0], atol=1e-6)
+    assert not torch.equal(weights[0], torch.randn(64, generator=torch.Generator().manual_seed(0)))
+
+
 def test_accumulation_and_schedule_run(tiny_bundle, photos):
     losses = _train_losses(tiny_bundle, photos, grad_accum=2, lr_schedule="cosine", warmup_steps=1)
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))

@@ -9,12 +9,18 @@ preferred) at every point of that trajectory and accumulates its gradients into 
 protected UNet, which then takes one AdamW step together with prior preservation on the
 class images. The temporary copy is thrown away: it reaches the protected weights only
 through those gradients.
+
+Retention (antipers' addition, off by default; not in the paper): where every face looks
+alike to the model, as on ``mini-faces``, the DPO path stops personalization of anyone.
+With ``retain_weight`` > 0 a third path simulates the same attacker on someone who is
+not protected (people from ``retain_dir``, in turn) and sends back the gradient of that
+person's held-out loss along the trajectory: personalizing others must keep working.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -46,6 +52,7 @@ class APDMLog:
     prior: list[float]
     inner_drift: list[float]
     reused: bool = False
+    retain: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,9 @@ class APDM(ClassImageSettings):
     instance_prompt: str = "a photo of sks person"
     paired_dir: str = ""  # generic photos to prefer instead of generated class images
     save_to: str = ""  # a diffusers folder for the protected model; reused when it matches
+    # people who must stay personalizable (Anti-DreamBooth layout: set_B trained, set_A held out)
+    retain_dir: str = ""
+    retain_weight: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("iterations", "batch_size", "num_class_images", "class_steps"):
@@ -76,6 +86,13 @@ class APDM(ClassImageSettings):
                 raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
         if self.beta < 0 or self.prior_weight < 0:
             raise ValueError("beta and prior_weight: expected >= 0")
+        if self.retain_weight < 0:
+            raise ValueError(f"retain_weight: expected >= 0, got {self.retain_weight}")
+        if self.retain_weight > 0 and not self.retain_dir:
+            raise ValueError(
+                "retain_weight: needs retain_dir, a folder of people who must stay "
+                "personalizable (<person>/set_A, set_B)"
+            )
 
     # -- the pieces ------------------------------------------------------------------
     def paired_images(self, bundle: DiffusionBundle, resolution: int) -> torch.Tensor:
@@ -91,11 +108,25 @@ class APDM(ClassImageSettings):
             return read_images(paths, resolution)
         return self.generic_images(bundle, resolution)
 
+    def retained_people(self, resolution: int) -> list[IdentitySet]:
+        if not self.retain_weight:
+            return []
+        from antipers.data.folders import AntiDreamBoothFolders
+
+        folders = AntiDreamBoothFolders(root=self.retain_dir)
+        return [folders.load(name, resolution) for name in folders.identities()]
+
     def record(self, identity: IdentitySet, bundle: DiffusionBundle) -> dict[str, object]:
-        if not self.paired_dir:
-            return protection_record("apdm", self, identity, bundle)
-        paired = self.paired_images(bundle, identity.set_B.shape[-1])
-        return protection_record("apdm", self, identity, bundle, paired_dir=content_hash(paired))
+        """What the protected model depends on; folders by their content, not their path."""
+        contents: dict[str, str] = {}
+        resolution = identity.set_B.shape[-1]
+        if self.paired_dir:
+            contents["paired_dir"] = content_hash(self.paired_images(bundle, resolution))
+        retained = self.retained_people(resolution)
+        if retained:
+            photos = torch.cat([torch.cat([p.set_A, p.set_B]) for p in retained])
+            contents["retain_dir"] = content_hash(photos)
+        return protection_record("apdm", self, identity, bundle, **contents)
 
     # -- the defense -----------------------------------------------------------------
     def protect(
@@ -122,6 +153,7 @@ class APDM(ClassImageSettings):
         with torch.no_grad():
             instance = bundle.prompt_embeds([self.instance_prompt])
             generic = bundle.prompt_embeds([self.class_prompt])
+        retained = self.retained_people(photos.shape[-1])
         subjects = batch_indices(len(photos), self.batch_size, generator)
         pairs = batch_indices(len(paired), self.batch_size, generator)
         trace = APDMLog([], [], [])
@@ -148,6 +180,9 @@ class APDM(ClassImageSettings):
             add_gradients(params, path.gradients(), 1.0)
             trace.dpo.append(path.mean_loss())
             del path
+            if retained:
+                other = retained[it % len(retained)]
+                trace.retain.append(self.retain(protected, other, instance, inner, generator))
             prior = torch.zeros((), device=device)
             if self.prior_weight > 0:
                 cidx = next(pairs)
@@ -163,3 +198,29 @@ class APDM(ClassImageSettings):
             if (it + 1) % max(1, self.iterations // 10) == 0:
                 log.info("APDM iteration %d/%d dpo %.4f", it + 1, self.iterations, trace.dpo[-1])
         return protected, trace
+
+    def retain(
+        self,
+        protected: DiffusionBundle,
+        other: IdentitySet,
+        instance: torch.Tensor,
+        inner: TrainConfig,
+        generator: torch.Generator,
+    ) -> float:
+        """The retention path: the simulated attacker personalizes ``other`` on set_B;
+        the gradient of their set_A loss along the way goes into the protected weights,
+        weighted ``retain_weight``. Returns that mean loss."""
+        with torch.no_grad():
+            held_out = protected.posterior(other.set_A)
+
+        def loss(model: DiffusionBundle) -> torch.Tensor:
+            latents = held_out.latents(generator)
+            return model.training_loss(latents, instance.expand(len(latents), -1, -1), generator)
+
+        path = Trajectory(protected, loss)
+        path.accumulate()
+        if self.inner_steps:
+            data = TrainData(images=other.set_B, prompt=self.instance_prompt)
+            path.attack(data, inner, generator)
+        add_gradients(list(protected.unet.parameters()), path.gradients(), self.retain_weight)
+        return path.mean_loss()

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from antipers.attacks.training import adamw
 from antipers.data.identity import IdentitySet
 from antipers.errors import UserError
 from antipers.models.bundle import DiffusionBundle
@@ -57,7 +58,7 @@ def trainable_unet(
     protected = bundle.copy_of("unet")
     protected.unet.requires_grad_(True)
     params = list(protected.unet.parameters())
-    return protected, params, torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    return protected, params, adamw(params, lr, weight_decay=0.0)
 
 
 def protect_once(

@@ -20,6 +20,31 @@ import torch.nn.functional as F
 from antipers.device import autocast
 
 
+@dataclass(frozen=True)
+class Posterior:
+    """Diagonal Gaussian latents of a batch of images, unscaled as the VAE gives them."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    scaling_factor: float
+
+    def __getitem__(self, idx: torch.Tensor) -> Posterior:
+        return Posterior(self.mean[idx], self.std[idx], self.scaling_factor)
+
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+    def latents(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Scaled latents: a draw on the CPU generator when given (the same numbers on
+        every device), else the mean."""
+        if generator is None:
+            z = self.mean
+        else:
+            noise = torch.randn(self.mean.shape, generator=generator, dtype=torch.float32)
+            z = self.mean + self.std * noise.to(self.mean.device, self.mean.dtype)
+        return z.float() * self.scaling_factor
+
+
 @dataclass
 class DiffusionBundle:
     """VAE, UNet, text encoder, tokenizer and noise scheduler of one base model."""
@@ -84,15 +109,22 @@ class DiffusionBundle:
     ) -> torch.Tensor:
         """Images in ``[0, 1]`` to scaled latents (a sample when ``generator`` is given,
         else the mean). Differentiable, for PGD through the VAE."""
-        x = images.to(self.device) * 2.0 - 1.0
-        with self.autocast():
-            dist = self.vae.encode(x).latent_dist
-        if generator is None:
-            z = dist.mean
-        else:
-            noise = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32)
-            z = dist.mean + dist.std * noise.to(dist.mean.device, dist.mean.dtype)
-        return z.float() * self.scaling_factor
+        return self.posterior(images).latents(generator)
+
+    def posterior(self, images: torch.Tensor, chunk: int = 16) -> Posterior:
+        """The VAE's posterior over the latents of ``images`` (in ``[0, 1]``): encode a
+        fixed photo once, draw a fresh latent from it at every training step. Encoded
+        ``chunk`` images at a time, so hundreds of class images fit on a card."""
+        means, stds = [], []
+        for start in range(0, max(images.shape[0], 1), chunk):
+            x = images[start : start + chunk].to(self.device) * 2.0 - 1.0
+            with self.autocast():
+                dist = self.vae.encode(x).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
+        if len(means) == 1:
+            return Posterior(means[0], stds[0], self.scaling_factor)
+        return Posterior(torch.cat(means), torch.cat(stds), self.scaling_factor)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         with self.autocast():
