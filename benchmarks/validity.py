@@ -193,6 +193,8 @@ def show(frame: pd.DataFrame, metrics: tuple[str, ...] = METRICS) -> str:
     def cell(r, m):
         if pd.isna(r[m]):
             return "-"
+        if np.isinf(r[m]):  # PSNR of unchanged photos
+            return "unchanged"
         digits = 1 if m in ("brisque", "psnr") else 3
         return f"{r[m]:.{digits}f} [{r[m + '_lo']:.{digits}f}, {r[m + '_hi']:.{digits}f}]"
 
