@@ -36,19 +36,30 @@ def test_schedule_places_the_rounds_after_the_first_stage(
 
 
 def test_two_stage_schedule_does_what_its_parameters_say(tiny_bundle, person, monkeypatch):
-    from antipers.models.bundle import DiffusionBundle
+    import sys
+
+    from antipers.models.bundle import DiffusionBundle, Posterior
 
     attack = LoRADreamBooth(steps=8, lr=1e-3, prior_weight=0.0, batch_size=len(person.set_B))
     iddm = IDDM(**FAST, learn_fraction=0.5, rounds=3)
-    trained_on = []  # what each personalization step encoded (the loop samples latents)
-    encode = DiffusionBundle.encode
+    # the training loop encodes its photos once (again when a round replaces them) and
+    # draws latents from that posterior at every step; the decoupling's PGD uses means
+    posterior, latents = DiffusionBundle.posterior, Posterior.latents
+    encoded = []  # the photos of each posterior the training loop made
+    trained_on = []  # per personalization step: the photos its latents came from
 
-    def spy(self, images, generator=None):
+    def spy_posterior(self, images, chunk=16):
+        if sys._getframe(1).f_code.co_name == "finetune":
+            encoded.append(images.detach().clone())
+        return posterior(self, images, chunk)
+
+    def spy_latents(self, generator=None):
         if generator is not None:
-            trained_on.append(images.detach().clone())
-        return encode(self, images, generator)
+            trained_on.append(encoded[-1])
+        return latents(self, generator)
 
-    monkeypatch.setattr(DiffusionBundle, "encode", spy)
+    monkeypatch.setattr(DiffusionBundle, "posterior", spy_posterior)
+    monkeypatch.setattr(Posterior, "latents", spy_latents)
     photos = person.set_B.clone()
     trained, trace = iddm.run(photos, tiny_bundle, attack, torch.Generator().manual_seed(0))
     monkeypatch.undo()
