@@ -8,7 +8,11 @@ same run. Full DreamBooth on ``sd21-arch`` at 512 needs about 20 GB for AdamW st
 alone (UNet + text encoder); on a 24 GB CPU machine use ``--no-text-encoder``.
 
     python benchmarks/attack.py                       # tiny at 64 px
+    python benchmarks/attack.py --models mini-faces --steps 20
     python benchmarks/attack.py --models tiny sd21-arch --resolution 512 --steps 3
+
+Each attack also runs with torch's default AdamW (``plain AdamW`` rows) instead of the
+training loop's fused one, with its time ratio against the fused run of the same attack.
 """
 
 from __future__ import annotations
@@ -22,10 +26,18 @@ from _harness import emit, in_child, peak_gib, reset_peak
 ATTACKS = ("dreambooth", "lora")
 
 
-def run_one(model: str, attack: str, resolution: int, steps: int, text_encoder: bool) -> dict:
+def run_one(
+    model: str, attack: str, resolution: int, steps: int, text_encoder: bool, plain: bool
+) -> dict:
     import torch
 
+    from antipers.attacks import training
     from antipers.attacks.training import TrainData, finetune
+
+    if plain:  # this child process only: the baseline the fused kernel is measured against
+        training.adamw = lambda params, lr, weight_decay: torch.optim.AdamW(
+            params, lr=lr, weight_decay=weight_decay
+        )
     from antipers.device import pick_device
     from antipers.registry import ATTACKS as REGISTRY
     from antipers.registry import BASE_MODELS
@@ -79,10 +91,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up)")
     parser.add_argument("--no-text-encoder", action="store_true", help="train the UNet only")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "ATTACK"), help=argparse.SUPPRESS)
+    parser.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     text_encoder = not args.no_text_encoder
     if args.one:
-        emit(run_one(*args.one, args.resolution, args.steps, text_encoder))
+        emit(run_one(*args.one, args.resolution, args.steps, text_encoder, args.plain))
         return
 
     rows = []
@@ -93,6 +106,7 @@ def main() -> None:
             child += ["--steps", str(args.steps)]
             child += [] if text_encoder else ["--no-text-encoder"]
             by_attack[attack] = in_child(__file__, child)
+            by_attack[f"{attack} plain AdamW"] = in_child(__file__, [*child, "--plain"])
         rows.append((model, by_attack))
 
     print(
@@ -100,21 +114,25 @@ def main() -> None:
         f"median of {args.steps} steps"
     )
     print(
-        f"{'model':<11}{'attack':<12}{'device':<8}{'trainable M':>12}{'s/step':>9}"
-        f"{'steps/s':>9}{'peak GiB':>10}{'time x DB':>11}{'mem x DB':>10}"
+        f"{'model':<11}{'attack':<25}{'device':<8}{'trainable M':>12}{'s/step':>9}"
+        f"{'steps/s':>9}{'peak GiB':>10}{'time x DB':>11}{'mem x DB':>10}{'x fused':>9}"
     )
+
+    def ratio(r: dict | None, base: dict | None, key: str) -> float:
+        return r[key] / base[key] if r and base else float("nan")
+
     for model, by_attack in rows:
         base = by_attack.get("dreambooth")
         for attack, r in by_attack.items():
             if r is None:
-                print(f"{model:<11}{attack:<12}failed")
+                print(f"{model:<11}{attack:<25}failed")
                 continue
-            t_ratio = r["step_s"] / base["step_s"] if base else float("nan")
-            m_ratio = r["peak_gib"] / base["peak_gib"] if base else float("nan")
+            fused = by_attack.get(attack.removesuffix(" plain AdamW"))
             print(
-                f"{model:<11}{attack:<12}{r['device']:<8}{r['trainable_m']:>12.2f}"
+                f"{model:<11}{attack:<25}{r['device']:<8}{r['trainable_m']:>12.2f}"
                 f"{r['step_s']:>9.3f}{1 / r['step_s']:>9.2f}{r['peak_gib']:>10.2f}"
-                f"{t_ratio:>11.2f}{m_ratio:>10.2f}"
+                f"{ratio(r, base, 'step_s'):>11.2f}{ratio(r, base, 'peak_gib'):>10.2f}"
+                f"{ratio(r, fused, 'step_s'):>9.2f}"
             )
 
 

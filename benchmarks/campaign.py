@@ -12,6 +12,10 @@ pays it for every campaign.
 
     python benchmarks/campaign.py                         # tiny, CPU, a few minutes
     python benchmarks/campaign.py --model sd15-arch --resolution 512 --identities 4
+    python benchmarks/campaign.py --campaign antipers/campaigns/demo.yaml --repeats 1
+
+With ``--campaign`` the specs are that file's (``antipers demo``'s: its wall time on
+this machine, each mode once, about 20 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ from antipers.spec import ExperimentSpec
 
 
 def specs(args: argparse.Namespace) -> list[ExperimentSpec]:
+    if args.campaign:
+        from antipers.campaign import load_campaign
+
+        return list(load_campaign(args.campaign).specs)
     base = {
         "suite": "bench-campaign",
         "base_model": args.model,
@@ -54,6 +62,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--attack-steps", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--campaign", help="a campaign file's specs instead (e.g. the demo's)")
     args = parser.parse_args()
 
     import ray
@@ -116,9 +125,12 @@ def main() -> None:
     ray.shutdown()
 
     baseline = rows[0][1]
+    what = args.campaign or (
+        f"{args.model}, {args.resolution} px, aspl + lora {args.attack_steps} steps"
+    )
     print(
-        f"\n{len(todo)} experiments ({args.model}, {args.resolution} px, aspl + lora "
-        f"{args.attack_steps} steps), median of {args.repeats}; Ray start-up {startup:.1f} s"
+        f"\n{len(todo)} experiments ({what}), median of {args.repeats}; "
+        f"Ray start-up {startup:.1f} s"
     )
     print(f"starting the three workers (imports, before any model loads): {ready:.1f} s")
     print(f"{'mode':<40} {'total s':>9} {'s/exp':>8} {'vs baseline':>12}")

@@ -67,15 +67,22 @@ def tiny_spec_dict(**overrides):
     return base
 
 
+_RAY: dict[str, str] = {}  # the address of the instance ray_address started
+
+
 @pytest.fixture(scope="module")
 def ray_address():
-    """A local Ray instance for one test module (4 logical CPUs, a small object store);
-    its GCS address, for drivers run as subprocesses."""
+    """A local Ray instance (4 logical CPUs, a small object store), kept for the next
+    module that needs one (a start costs about 10 s on 2 cores; Ray shuts it down at
+    exit); its GCS address, for drivers run as subprocesses. Started again where a test
+    shut it down or joined another instance."""
     import ray
 
     from antipers.cluster.runtime import connect
 
-    started = connect(num_cpus=4, object_store_memory=150 * 2**20)
-    yield ray.get_runtime_context().gcs_address
-    if started:
+    if ray.is_initialized() and ray.get_runtime_context().gcs_address != _RAY.get("address"):
         ray.shutdown()
+    if not ray.is_initialized():
+        connect(num_cpus=4, object_store_memory=150 * 2**20)
+        _RAY["address"] = ray.get_runtime_context().gcs_address
+    return _RAY["address"]

@@ -37,7 +37,7 @@ from antipers.defenses.model_folder import (
     protection_record,
     trainable_unet,
 )
-from antipers.defenses.trajectory import Trajectory, add_gradients
+from antipers.defenses.trajectory import send_back
 from antipers.models.bundle import DiffusionBundle
 
 log = logging.getLogger(__name__)
@@ -116,13 +116,25 @@ class APDM(ClassImageSettings):
         folders = AntiDreamBoothFolders(root=self.retain_dir)
         return [folders.load(name, resolution) for name in folders.identities()]
 
-    def record(self, identity: IdentitySet, bundle: DiffusionBundle) -> dict[str, object]:
+    def folders(
+        self, bundle: DiffusionBundle, resolution: int
+    ) -> tuple[torch.Tensor | None, list[IdentitySet]]:
+        """The user's folders, read once per protection (for the record and training):
+        the paired photos (None: generated class images) and the retained people."""
+        paired = self.paired_images(bundle, resolution) if self.paired_dir else None
+        return paired, self.retained_people(resolution)
+
+    def record(
+        self,
+        identity: IdentitySet,
+        bundle: DiffusionBundle,
+        paired: torch.Tensor | None,
+        retained: list[IdentitySet],
+    ) -> dict[str, object]:
         """What the protected model depends on; folders by their content, not their path."""
         contents: dict[str, str] = {}
-        resolution = identity.set_B.shape[-1]
-        if self.paired_dir:
-            contents["paired_dir"] = content_hash(self.paired_images(bundle, resolution))
-        retained = self.retained_people(resolution)
+        if paired is not None:
+            contents["paired_dir"] = content_hash(paired)
         if retained:
             photos = torch.cat([torch.cat([p.set_A, p.set_B]) for p in retained])
             contents["retain_dir"] = content_hash(photos)
@@ -132,34 +144,46 @@ class APDM(ClassImageSettings):
     def protect(
         self, identity: IdentitySet, bundle: DiffusionBundle, generator: torch.Generator
     ) -> Protected:
+        paired, retained = self.folders(bundle, identity.set_B.shape[-1])
         protected, trace = protect_once(
             "apdm",
-            self.record(identity, bundle),
+            self.record(identity, bundle, paired, retained),
             self.save_to,
             bundle,
-            lambda: self.train(identity, bundle, generator),
+            lambda: self.train(identity, bundle, generator, paired, retained),
             APDMLog([], [], [], reused=True),
         )
         return Protected(images=identity.set_B, bundle=protected, log=trace)
 
     def train(
-        self, identity: IdentitySet, bundle: DiffusionBundle, generator: torch.Generator
+        self,
+        identity: IdentitySet,
+        bundle: DiffusionBundle,
+        generator: torch.Generator,
+        paired: torch.Tensor | None = None,
+        retained: list[IdentitySet] | None = None,
     ) -> tuple[DiffusionBundle, APDMLog]:
-        """Learning to Protect; ``bundle`` (the reference) is left untouched."""
+        """Learning to Protect; ``bundle`` (the reference) is left untouched. ``paired``
+        and ``retained``, where not given, are read from the settings' folders."""
         device = bundle.device
         photos = identity.set_B.to(device)
-        paired = self.paired_images(bundle, photos.shape[-1]).to(device)
+        resolution = photos.shape[-1]
+        if paired is None:
+            paired = self.paired_images(bundle, resolution)
+        paired = paired.to(device)
+        if retained is None:
+            retained = self.retained_people(resolution)
         protected, params, optimizer = trainable_unet(bundle, self.lr)
         with torch.no_grad():
             instance = bundle.prompt_embeds([self.instance_prompt])
             generic = bundle.prompt_embeds([self.class_prompt])
-        retained = self.retained_people(photos.shape[-1])
         subjects = batch_indices(len(photos), self.batch_size, generator)
         pairs = batch_indices(len(paired), self.batch_size, generator)
         trace = APDMLog([], [], [])
         inner = TrainConfig(
             steps=max(self.inner_steps, 1), lr=self.inner_lr, batch_size=self.batch_size
         )
+        attacked = self.simulated(photos)
 
         def dpo(model: DiffusionBundle) -> torch.Tensor:
             idx, cidx = next(subjects), next(pairs)
@@ -172,17 +196,14 @@ class APDM(ClassImageSettings):
             )
 
         for it in range(self.iterations):
-            path = Trajectory(protected, dpo)
-            path.accumulate()  # at the protected weights themselves
-            if self.inner_steps:
-                path.attack(TrainData(images=photos, prompt=self.instance_prompt), inner, generator)
-            trace.inner_drift.append(path.drift(params))
-            add_gradients(params, path.gradients(), 1.0)
-            trace.dpo.append(path.mean_loss())
-            del path
+            mean, drift = send_back(protected, params, dpo, attacked, inner, generator, 1.0)
+            trace.dpo.append(mean)
+            trace.inner_drift.append(drift)
             if retained:
                 other = retained[it % len(retained)]
-                trace.retain.append(self.retain(protected, other, instance, inner, generator))
+                trace.retain.append(
+                    self.retain(protected, params, other, instance, inner, generator)
+                )
             prior = torch.zeros((), device=device)
             if self.prior_weight > 0:
                 cidx = next(pairs)
@@ -199,9 +220,14 @@ class APDM(ClassImageSettings):
                 log.info("APDM iteration %d/%d dpo %.4f", it + 1, self.iterations, trace.dpo[-1])
         return protected, trace
 
+    def simulated(self, photos: torch.Tensor) -> TrainData | None:
+        """What the simulated attacker trains on (nothing with no inner steps)."""
+        return TrainData(images=photos, prompt=self.instance_prompt) if self.inner_steps else None
+
     def retain(
         self,
         protected: DiffusionBundle,
+        params: list[torch.nn.Parameter],
         other: IdentitySet,
         instance: torch.Tensor,
         inner: TrainConfig,
@@ -217,10 +243,6 @@ class APDM(ClassImageSettings):
             latents = held_out.latents(generator)
             return model.training_loss(latents, instance.expand(len(latents), -1, -1), generator)
 
-        path = Trajectory(protected, loss)
-        path.accumulate()
-        if self.inner_steps:
-            data = TrainData(images=other.set_B, prompt=self.instance_prompt)
-            path.attack(data, inner, generator)
-        add_gradients(list(protected.unet.parameters()), path.gradients(), self.retain_weight)
-        return path.mean_loss()
+        data = self.simulated(other.set_B)
+        mean, _ = send_back(protected, params, loss, data, inner, generator, self.retain_weight)
+        return mean

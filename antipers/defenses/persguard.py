@@ -34,7 +34,7 @@ from antipers.defenses.model_folder import (
     protection_record,
     trainable_unet,
 )
-from antipers.defenses.trajectory import Trajectory, add_gradients
+from antipers.defenses.trajectory import send_back
 from antipers.images import IMAGE_SUFFIXES, read_images
 from antipers.metrics.base import MetricResult
 from antipers.metrics.latent import latent_mse
@@ -178,35 +178,47 @@ class PersGuard(ClassImageSettings):
         picks = torch.arange(len(photos)) % len(chosen)
         return chosen[picks].to(photos.device)
 
-    def record(self, identity: IdentitySet, bundle: DiffusionBundle) -> dict[str, object]:
+    def record(
+        self, identity: IdentitySet, bundle: DiffusionBundle, outputs: torch.Tensor | None
+    ) -> dict[str, object]:
         if self.backdoor != "target":
             return protection_record("persguard", self, identity, bundle)
-        target = content_hash(self.outputs(identity.set_B, bundle))
-        return protection_record("persguard", self, identity, bundle, target_image=target)
+        assert outputs is not None
+        return protection_record(
+            "persguard", self, identity, bundle, target_image=content_hash(outputs)
+        )
 
     def protect(
         self, identity: IdentitySet, bundle: DiffusionBundle, generator: torch.Generator
     ) -> Protected:
+        # the target, read once for the record, training and the check (erasure's
+        # generic images are made in training only, and only when it runs)
+        photos = identity.set_B.to(bundle.device)
+        outputs = self.outputs(photos, bundle) if self.backdoor != "erasure" else None
         protected, trace = protect_once(
             "persguard",
-            self.record(identity, bundle),
+            self.record(identity, bundle, outputs),
             self.save_to,
             bundle,
-            lambda: self.train(identity, bundle, generator),
+            lambda: self.train(identity, bundle, generator, outputs),
             PersGuardLog(reused=True),
         )
         checks = []
-        if self.backdoor != "erasure":
-            reference = self.outputs(identity.set_B[:1].to(bundle.device), bundle)
-            checks.append(BackdoorCheck(self.backdoor, reference.cpu(), self.pattern_size))
+        if outputs is not None:
+            checks.append(BackdoorCheck(self.backdoor, outputs[:1].cpu(), self.pattern_size))
         return Protected(identity.set_B, protected, log=trace, checks=checks)
 
     def train(
-        self, identity: IdentitySet, bundle: DiffusionBundle, generator: torch.Generator
+        self,
+        identity: IdentitySet,
+        bundle: DiffusionBundle,
+        generator: torch.Generator,
+        outputs: torch.Tensor | None = None,
     ) -> tuple[DiffusionBundle, PersGuardLog]:
         """The three losses, weighted; ``bundle`` (the teacher) is left untouched."""
         photos = identity.set_B.to(bundle.device)
-        outputs = self.outputs(photos, bundle)
+        if outputs is None:
+            outputs = self.outputs(photos, bundle)
         generic = self.generic_images(bundle, photos.shape[-1]).to(bundle.device)
         protected, params, optimizer = trainable_unet(bundle, self.lr)
         with torch.no_grad():
@@ -242,12 +254,18 @@ class PersGuard(ClassImageSettings):
                 trace.prior.append(float(prior.detach()))
             loss.backward()
             if self.retention_weight > 0 and self.simulated_steps > 0:
-                path = Trajectory(protected, behaviour)
                 data = TrainData(images=photos, prompt=self.instance_prompt)
-                path.attack(data, attacker, generator, every_step=False)
-                add_gradients(params, path.gradients(), self.retention_weight)
-                trace.retention.append(path.mean_loss())
-                del path
+                mean, _ = send_back(
+                    protected,
+                    params,
+                    behaviour,
+                    data,
+                    attacker,
+                    generator,
+                    self.retention_weight,
+                    every_step=False,
+                )
+                trace.retention.append(mean)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if (it + 1) % max(1, self.iterations // 10) == 0:

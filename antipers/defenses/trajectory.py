@@ -74,3 +74,27 @@ def add_gradients(
             p.grad = g.mul_(weight)
         else:
             p.grad.add_(g, alpha=weight)
+
+
+def send_back(
+    protected: DiffusionBundle,
+    params: list[torch.nn.Parameter],
+    loss: ProtectionLoss,
+    data: TrainData | None,
+    config: TrainConfig,
+    generator: torch.Generator,
+    weight: float,
+    every_step: bool = True,
+) -> tuple[float, float]:
+    """One simulated attack on ``data`` (none: the protected weights alone) whose
+    protection-loss gradients go into ``params``' ``.grad``, weighted. The loss is taken
+    at the protected weights and after every attacker step, or (``every_step`` false)
+    only after the last. Returns the mean loss and how far the attacker moved."""
+    path = Trajectory(protected, loss)
+    if every_step or data is None:
+        path.accumulate()
+    if data is not None:
+        path.attack(data, config, generator, every_step)
+    drift = path.drift(params)
+    add_gradients(params, path.gradients(), weight)
+    return path.mean_loss(), drift

@@ -122,8 +122,6 @@ class DiffusionBundle:
                 dist = self.vae.encode(x).latent_dist
             means.append(dist.mean)
             stds.append(dist.std)
-        if len(means) == 1:
-            return Posterior(means[0], stds[0], self.scaling_factor)
         return Posterior(torch.cat(means), torch.cat(stds), self.scaling_factor)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
