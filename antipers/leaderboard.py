@@ -69,8 +69,7 @@ def verdicts(rows: pd.DataFrame, baseline: str = "none") -> list[str]:
             for metric in ("linkability", "ism"):
                 if metric in column and pd.notna(by.loc[defense, column[metric]]):
                     before, after = base[column[metric]], by.loc[defense, column[metric]]
-                    verb = "lowered" if after < before else "did not lower"
-                    parts.append(f"{verb} {metric} from {before:.2f} to {after:.2f}")
+                    parts.append(_change(metric, before, after))
             if not parts:
                 continue
             cost = []
@@ -82,6 +81,18 @@ def verdicts(rows: pd.DataFrame, baseline: str = "none") -> list[str]:
             suffix = f" ({', '.join(cost)})" if cost else ""
             out.append(f"{defense} {' and '.join(parts)} against {attack}{suffix}")
     return out
+
+
+def _change(metric: str, before: float, after: float) -> str:
+    """ "lowered ism from 0.921 to 0.917": as many digits as tell the two apart (up to 4),
+    so that no sentence says a number went down to itself."""
+    verb = "lowered" if after < before else "raised" if after > before else "left"
+    digits = 2
+    while digits < 4 and f"{before:.{digits}f}" == f"{after:.{digits}f}":
+        digits += 1
+    if verb == "left":
+        return f"left {metric} at {before:.2f}"
+    return f"{verb} {metric} from {before:.{digits}f} to {after:.{digits}f}"
 
 
 def _budget(rows: pd.DataFrame, defense: str) -> str:

@@ -62,6 +62,17 @@ MODEL_METRICS = (
     "bystander_person_loss",
     "generic_loss_gain",
 )
+# the immunization track (IDDM): privacy (the campaign's face backend and the embedder
+# it optimized against) and the avatars' utility (likeness in the model's latent space)
+IMMUNIZATION_METRICS = (
+    "fdfr",
+    "ism",
+    "linkability",
+    "decoupled_ism",
+    "brisque",
+    "subject_latent_distance",
+)
+TRACK_METRICS = {"model": MODEL_METRICS, "immunization": IMMUNIZATION_METRICS}
 FLOOR = "floor (no personalization)"
 
 
@@ -195,7 +206,7 @@ def show(frame: pd.DataFrame, metrics: tuple[str, ...] = METRICS) -> str:
             return "-"
         if np.isinf(r[m]):  # PSNR of unchanged photos
             return "unchanged"
-        digits = 1 if m in ("brisque", "psnr") else 3
+        digits = 1 if m in ("brisque", "psnr") else 4 if m == "subject_latent_distance" else 3
         return f"{r[m]:.{digits}f} [{r[m + '_lo']:.{digits}f}, {r[m + '_hi']:.{digits}f}]"
 
     head = ["attack", "countermeasure", "defense", "n", *metrics]
@@ -257,6 +268,8 @@ COMPARED = (
     "bystander_ism",
     "bystander_linkability",
     "bystander_person_loss",
+    "decoupled_ism",
+    "subject_latent_distance",
 )
 
 
@@ -361,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = {s.spec_id for s in specs}
     rows = by_subject(store.load())
     rows = rows[rows["spec_id"].isin(wanted)]
-    metrics = MODEL_METRICS if specs and specs[0].track == "model" else METRICS
+    metrics = TRACK_METRICS.get(specs[0].track, METRICS) if specs else METRICS
     floor_rows = floor_store.load()
     if rows.empty:
         print("nothing stored yet for these experiments")

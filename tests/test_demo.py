@@ -153,6 +153,8 @@ def test_verdicts_say_what_each_defense_did_with_its_cost():
             row("aspl", "ism", 0.90, False, eps=8),
             row("aspl", "psnr", 31.44, True, eps=8),
             row("weak", "linkability", 0.95, False, eps=2),
+            row("weak", "ism", 0.9487, False, eps=2),
+            row("same", "linkability", 0.9, False, eps=4),
         ]
     )
     lines = verdicts(rows)
@@ -160,5 +162,9 @@ def test_verdicts_say_what_each_defense_did_with_its_cost():
         "aspl lowered linkability from 0.90 to 0.20 and lowered ism from 0.95 to 0.90 "
         "against dreambooth (8/255, PSNR 31.4 dB)" in lines
     )
-    assert "weak did not lower linkability from 0.90 to 0.95 against dreambooth (2/255)" in lines
+    assert (
+        "weak raised linkability from 0.90 to 0.95 and lowered ism from 0.950 to 0.949 "
+        "against dreambooth (2/255)" in lines
+    )  # digits enough to tell the two apart
+    assert "same left linkability at 0.90 against dreambooth (4/255)" in lines
     assert verdicts(rows[rows["defense"] != "none"]) == []  # no baseline, no claim
