@@ -12,7 +12,10 @@ and the ISM calibration of the offline face backend.
         [--defenses none,aspl] [--attacks lora] [--countermeasures none,jpeg]
 
 Every experiment lands in the store (a rerun skips what is there); a defense runs
-once per identity and its photos serve every attacker and countermeasure.
+once per identity and its photos serve every attacker and countermeasure. With
+``--campaign`` a model-track campaign (``validity-model.yaml``: APDM) prints the
+protected person's, the bystander's and the generic-image columns, and an
+immunization-track one (IDDM) privacy under both embedders and the avatars' utility.
 """
 
 from __future__ import annotations
