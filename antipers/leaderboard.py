@@ -86,12 +86,12 @@ def verdicts(rows: pd.DataFrame, baseline: str = "none") -> list[str]:
 def _change(metric: str, before: float, after: float) -> str:
     """ "lowered ism from 0.921 to 0.917": as many digits as tell the two apart (up to 4),
     so that no sentence says a number went down to itself."""
-    verb = "lowered" if after < before else "raised" if after > before else "left"
+    if after == before:
+        return f"left {metric} at {before:.2f}"
     digits = 2
     while digits < 4 and f"{before:.{digits}f}" == f"{after:.{digits}f}":
         digits += 1
-    if verb == "left":
-        return f"left {metric} at {before:.2f}"
+    verb = "lowered" if after < before else "raised"
     return f"{verb} {metric} from {before:.{digits}f} to {after:.{digits}f}"
 
 

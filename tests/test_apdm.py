@@ -90,13 +90,17 @@ def test_the_personalization_path_reaches_the_model_only_through_gradients(
     # beta 0 and no prior: the protection path contributes nothing, so however far the
     # simulated attacker moved its copy, the protected weights stay exactly the base's
     apdm = APDM(**FAST, beta=0.0, prior_weight=0.0, paired_dir=generic_dir)
-    protected, trace = apdm.train(person, tiny_bundle, torch.Generator().manual_seed(0))
+    protected, trace = apdm.train(
+        person, tiny_bundle, torch.Generator().manual_seed(0), *apdm.folders(tiny_bundle, 64)
+    )
     assert min(trace.inner_drift) > 0 and len(trace.dpo) == 2
     for name, value in protected.unet.state_dict().items():
         assert torch.equal(value, before[name]), name
     # with beta > 0 the same path moves them; the base model is never touched
     apdm = APDM(**FAST, beta=1.0, prior_weight=0.0, paired_dir=generic_dir)
-    protected, _ = apdm.train(person, tiny_bundle, torch.Generator().manual_seed(0))
+    protected, _ = apdm.train(
+        person, tiny_bundle, torch.Generator().manual_seed(0), *apdm.folders(tiny_bundle, 64)
+    )
     moved = [not torch.equal(v, before[k]) for k, v in protected.unet.state_dict().items()]
     assert any(moved)
     assert all(torch.equal(v, before[k]) for k, v in tiny_bundle.unet.state_dict().items())
@@ -132,7 +136,9 @@ def test_the_retention_path_keeps_others_personalizable(
         retain_dir=retain_dir,
         retain_weight=1.0,
     )
-    protected, trace = apdm.train(person, tiny_bundle, torch.Generator().manual_seed(0))
+    protected, trace = apdm.train(
+        person, tiny_bundle, torch.Generator().manual_seed(0), *apdm.folders(tiny_bundle, 64)
+    )
     assert len(trace.retain) == FAST["iterations"] and all(map(math.isfinite, trace.retain))
     held_out = torch.cat(
         [AntiDreamBoothFolders(retain_dir).load(n, 64).set_A for n in ("synth-0005", "synth-0006")]

@@ -160,19 +160,16 @@ class APDM(ClassImageSettings):
         identity: IdentitySet,
         bundle: DiffusionBundle,
         generator: torch.Generator,
-        paired: torch.Tensor | None = None,
-        retained: list[IdentitySet] | None = None,
+        paired: torch.Tensor | None,
+        retained: list[IdentitySet],
     ) -> tuple[DiffusionBundle, APDMLog]:
-        """Learning to Protect; ``bundle`` (the reference) is left untouched. ``paired``
-        and ``retained``, where not given, are read from the settings' folders."""
+        """Learning to Protect on what ``folders`` read; ``bundle`` (the reference) is
+        left untouched."""
         device = bundle.device
         photos = identity.set_B.to(device)
-        resolution = photos.shape[-1]
         if paired is None:
-            paired = self.paired_images(bundle, resolution)
+            paired = self.generic_images(bundle, photos.shape[-1])
         paired = paired.to(device)
-        if retained is None:
-            retained = self.retained_people(resolution)
         protected, params, optimizer = trainable_unet(bundle, self.lr)
         with torch.no_grad():
             instance = bundle.prompt_embeds([self.instance_prompt])

@@ -181,12 +181,9 @@ class PersGuard(ClassImageSettings):
     def record(
         self, identity: IdentitySet, bundle: DiffusionBundle, outputs: torch.Tensor | None
     ) -> dict[str, object]:
-        if self.backdoor != "target":
-            return protection_record("persguard", self, identity, bundle)
-        assert outputs is not None
-        return protection_record(
-            "persguard", self, identity, bundle, target_image=content_hash(outputs)
-        )
+        """What the protected model depends on; the target by its content."""
+        target = {"target_image": content_hash(outputs)} if self.backdoor == "target" else {}
+        return protection_record("persguard", self, identity, bundle, **target)
 
     def protect(
         self, identity: IdentitySet, bundle: DiffusionBundle, generator: torch.Generator
