@@ -174,7 +174,7 @@ class Board:
         return hashlib.sha1(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def _config_labels(experiments: pd.DataFrame) -> dict[tuple[str, str], str]:
+def config_labels(experiments: pd.DataFrame) -> dict[tuple[str, str], str]:
     """``aspl`` alone, or ``aspl (eps=8)`` where one defense has several configurations
     on the board: only the parameters that differ are named."""
     labels = {}
@@ -280,7 +280,7 @@ def build_boards(rows: pd.DataFrame, config: BoardsConfig) -> tuple[list[Board],
 def _board(
     key: dict[str, str], rows: pd.DataFrame, failed: pd.DataFrame, rules: BoardRules
 ) -> Board:
-    labels = _config_labels(rows)
+    labels = config_labels(rows)
     rows = rows.assign(
         config=[
             labels[(d, p)] for d, p in zip(rows["defense"], rows["defense_params"], strict=True)

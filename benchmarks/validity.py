@@ -35,7 +35,7 @@ import torch
 
 from antipers.boards import load_boards
 from antipers.campaign import load_campaign
-from antipers.leaderboard import mean_interval
+from antipers.leaderboard import config_labels, mean_interval
 from antipers.models.train_mini import CLASS_PROMPTS
 from antipers.pipeline import (
     Handoff,
@@ -64,6 +64,11 @@ MODEL_METRICS = (
     "bystander_linkability",
     "bystander_person_loss",
     "generic_loss_gain",
+    # PersGuard's own measures, for the protected person and the bystander
+    "backdoor_target_distance",
+    "bystander_backdoor_target_distance",
+    "backdoor_pattern",
+    "bystander_backdoor_pattern",
 )
 # the immunization track (IDDM): privacy (the campaign's face backend and the embedder
 # it optimized against) and the avatars' utility (likeness in the model's latent space)
@@ -77,6 +82,28 @@ IMMUNIZATION_METRICS = (
 )
 TRACK_METRICS = {"model": MODEL_METRICS, "immunization": IMMUNIZATION_METRICS}
 FLOOR = "floor (no personalization)"
+CONTROL = "iterations=0"  # a model-track defense's control: the clean model, its checks
+
+
+def baseline(defenses) -> str | None:
+    """What each defense is compared with: the undefended attack, or on a campaign
+    without one the control configuration (PersGuard's ``iterations: 0``: the same
+    attack and backdoor check on the clean model)."""
+    defenses = list(defenses)
+    if "none" in defenses:
+        return "none"
+    return next((d for d in defenses if CONTROL in d), None)
+
+
+def labelled(rows: pd.DataFrame) -> pd.DataFrame:
+    """``defense`` as the boards label it: the name, with the parameters that differ
+    where one defense runs in several configurations."""
+    labels = config_labels(rows)
+    rows = rows.copy()
+    rows["defense"] = [
+        labels[(d, p)] for d, p in zip(rows["defense"], rows["defense_params"], strict=True)
+    ]
+    return rows
 
 
 def person(spec) -> str:
@@ -180,6 +207,7 @@ def table(
     out = []
     keys = ["attack", "countermeasure", "defense"]
     order = {d: i for i, d in enumerate(["none", "aspl", "fsmg", "simac", "cap-aspl"])}
+    order[baseline(agg["defense"].unique())] = -1
     for values, group in agg.groupby(keys, sort=False):
         out.append(_line(dict(zip(keys, values, strict=True)), group, rules, metrics))
     fl = floor_rows[(floor_rows["image_index"] == -1) & (floor_rows["status"] == "ok")]
@@ -239,16 +267,17 @@ def checks(frame: pd.DataFrame) -> list[str]:
         ["attack", "countermeasure"]
     ):
         by = group.set_index("defense")
-        if "none" not in by.index:
+        base = baseline(by.index)
+        if base is None:
             continue
-        n = by.loc["none"]
-        if cm == "none" and not fl.empty:
+        n = by.loc[base]
+        if cm == "none" and base == "none" and not fl.empty:
             out.append(
                 f"{attack}: undefended linkability {n['linkability']:.3f} (>= 0.6: "
                 f"{n['linkability'] >= 0.6}; floor {f['linkability']:.3f}), ISM {n['ism']:.3f} "
                 f"vs floor {f['ism']:.3f}, intervals apart: {apart(n, f, 'ism')}"
             )
-        for defense in by.index.drop("none"):
+        for defense in by.index.drop(base):
             d = by.loc[defense]
             parts = [
                 f"{m} {n[m]:.3f} -> {d[m]:.3f} (apart: {apart(n, d, m)})"
@@ -259,7 +288,7 @@ def checks(frame: pd.DataFrame) -> list[str]:
                 parts.append(f"PSNR {d['psnr']:.1f} dB")
             if "generic_loss_gain" in d and pd.notna(d["generic_loss_gain"]):
                 parts.append(f"generic_loss_gain {d['generic_loss_gain']:+.4f}")
-            out.append(f"{attack} / {cm}: {defense} " + ", ".join(parts))
+            out.append(f"{attack} / {cm}: {defense} against {base}: " + ", ".join(parts))
     return out
 
 
@@ -273,6 +302,10 @@ COMPARED = (
     "bystander_person_loss",
     "decoupled_ism",
     "subject_latent_distance",
+    "backdoor_target_distance",
+    "bystander_backdoor_target_distance",
+    "backdoor_pattern",
+    "bystander_backdoor_pattern",
 )
 
 
@@ -285,12 +318,13 @@ def paired(rows: pd.DataFrame) -> list[str]:
     out = []
     for (attack, cm), group in agg.groupby(["attack", "countermeasure"]):
         by = group.pivot_table(index="person", columns=["metric", "defense"], values="value")
-        for defense in sorted(set(group["defense"]) - {"none"}):
+        base = baseline(group["defense"].unique())
+        for defense in sorted(set(group["defense"]) - {base}):
             parts = []
             for metric in ("fdfr", *COMPARED):
-                if (metric, "none") not in by or (metric, defense) not in by:
+                if (metric, base) not in by or (metric, defense) not in by:
                     continue
-                diff = (by[(metric, defense)] - by[(metric, "none")]).dropna().to_numpy()
+                diff = (by[(metric, defense)] - by[(metric, base)]).dropna().to_numpy()
                 if len(diff) < 2:
                     continue
                 low, high = mean_interval(diff, rules)
@@ -299,7 +333,7 @@ def paired(rows: pd.DataFrame) -> list[str]:
             if parts:
                 n = by[("ism", defense)].notna().sum() if ("ism", defense) in by else 0
                 out.append(
-                    f"{attack} / {cm}: {defense} minus none, paired over {n} people: "
+                    f"{attack} / {cm}: {defense} minus {base}, paired over {n} people: "
                     + ", ".join(parts)
                 )
     return out
@@ -377,11 +411,15 @@ def main(argv: list[str] | None = None) -> int:
     wanted = {s.spec_id for s in specs}
     rows = by_subject(store.load())
     rows = rows[rows["spec_id"].isin(wanted)]
-    metrics = TRACK_METRICS.get(specs[0].track, METRICS) if specs else METRICS
     floor_rows = floor_store.load()
     if rows.empty:
         print("nothing stored yet for these experiments")
         return 0
+    rows = labelled(rows)
+    # the track's columns that these experiments measure (APDM has no backdoor check)
+    stored = set(rows["metric"])
+    track = TRACK_METRICS.get(specs[0].track, METRICS)
+    metrics = tuple(m for m in track if m in stored or m in METRICS)
     rows["person"], floor_rows["person"] = row_people(rows), row_people(floor_rows)
     first = set(people[: args.table_people])
     blocks = [(f"the first {len(first)} people", first)]

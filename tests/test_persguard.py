@@ -158,3 +158,27 @@ def test_model_track_rows_carry_the_backdoor_measure():
     # on the protected person the backdoor showing is the defense working; on anyone else
     # it is the defense breaking their personalization
     assert found == {("protected", True), ("unprotected", False)}
+
+
+def test_the_control_scores_the_clean_model_with_the_same_check(tiny_bundle, target_file):
+    person = DATASETS.build("synthetic", {"n_identities": 2}).load("synth-0000", 64)
+    control = PersGuard(target_image=target_file, iterations=0)
+    protected = control.protect(person, tiny_bundle, torch.Generator().manual_seed(0))
+    assert protected.bundle is tiny_bundle  # nothing implanted, nothing copied
+    (check,) = protected.checks
+    implanted = PersGuard(target_image=target_file, iterations=1, simulated_steps=0)
+    reference = implanted.outputs(person.set_B[:1], tiny_bundle)
+    assert check.metric == "backdoor_target_distance"
+    assert torch.equal(check.reference, reference.cpu())
+    with pytest.raises(SpecError, match="iterations 0 is the control"):
+        ExperimentSpec.from_dict(
+            tiny_spec_dict(
+                track="model",
+                defense={
+                    "name": "persguard",
+                    "backdoor": "pattern",
+                    "iterations": 0,
+                    "save_to": "/tmp/x",
+                },
+            )
+        )

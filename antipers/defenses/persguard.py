@@ -125,7 +125,7 @@ class PersGuard(ClassImageSettings):
     backdoor: str = "target"
     target_image: str = ""  # target: an image file, or a folder (another identity's photos)
     pattern_size: float = 0.5  # pattern: the checkerboard's share of each side
-    iterations: int = 400
+    iterations: int = 400  # 0: the control, the clean model scored by this backdoor's check
     lr: float = 1e-5
     batch_size: int = 1
     backdoor_weight: float = 1.0
@@ -144,9 +144,14 @@ class PersGuard(ClassImageSettings):
                 raise ValueError("target_image: the target backdoor needs an image file or folder")
             if not Path(self.target_image).expanduser().exists():
                 raise ValueError(f"target_image: {self.target_image} does not exist")
-        for name in ("iterations", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.iterations < 0:
+            raise ValueError(f"iterations: expected >= 0, got {self.iterations}")
+        if self.iterations == 0 and self.save_to:
+            raise ValueError(
+                "save_to: iterations 0 is the control (the clean model); nothing to save"
+            )
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: expected >= 1, got {self.batch_size}")
         if self.simulated_steps < 0:
             raise ValueError(f"simulated_steps: expected >= 0, got {self.simulated_steps}")
         for name in ("lr", "simulated_lr"):
@@ -192,14 +197,19 @@ class PersGuard(ClassImageSettings):
         # generic images are made in training only, and only when it runs)
         photos = identity.set_B.to(bundle.device)
         outputs = self.outputs(photos, bundle) if self.backdoor != "erasure" else None
-        protected, trace = protect_once(
-            "persguard",
-            self.record(identity, bundle, outputs),
-            self.save_to,
-            bundle,
-            lambda: self.train(identity, bundle, generator, outputs),
-            PersGuardLog(reused=True),
-        )
+        if self.iterations == 0:
+            # the control: the same attack and check on the clean model, so a board
+            # compares the backdoor's measure with and without the implant
+            protected, trace = bundle, PersGuardLog()
+        else:
+            protected, trace = protect_once(
+                "persguard",
+                self.record(identity, bundle, outputs),
+                self.save_to,
+                bundle,
+                lambda: self.train(identity, bundle, generator, outputs),
+                PersGuardLog(reused=True),
+            )
         checks = []
         if outputs is not None:
             checks.append(BackdoorCheck(self.backdoor, outputs[:1].cpu(), self.pattern_size))
