@@ -314,20 +314,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if report.failed == 0 else 1
 
 
+def _train_config(cls: Any, args: argparse.Namespace, names: tuple[str, ...]) -> Any:
+    """The defaults, with the options the user gave; a bad value is a CLI error."""
+    try:
+        return cls(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+
+
 def cmd_train_mini(args: argparse.Namespace) -> int:
     from antipers.models.train_mini import MiniTrainConfig, train_mini
 
-    overrides = {
-        name: getattr(args, name)
-        for name in ("seed", "pool", "vae_steps", "unet_steps")
-        if getattr(args, name) is not None
-    }
-    try:
-        config = MiniTrainConfig(**overrides)
-    except ValueError as exc:
-        raise CLIError(str(exc)) from None
+    config = _train_config(MiniTrainConfig, args, ("seed", "pool", "vae_steps", "unet_steps"))
     folder = train_mini(Path(args.out), config, _device(args.device))
     print(f"wrote {folder} (checkpoints and loss log in {Path(args.out) / 'work'})")
+    return 0
+
+
+def cmd_train_embedder(args: argparse.Namespace) -> int:
+    from antipers.models.train_embedder import EmbedderTrainConfig, train_embedder
+
+    config = _train_config(EmbedderTrainConfig, args, ("seed", "people", "steps"))
+    folder = train_embedder(Path(args.out), config, _device(args.device))
+    print(f"wrote {folder} (checkpoints and loss log in {Path(args.out) / 'work-embedder'})")
     return 0
 
 
@@ -521,7 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_arguments(p)
     p.set_defaults(func=cmd_demo)
 
-    models = sub.add_parser("models", help="antipers' own base models: train mini-faces")
+    models = sub.add_parser(
+        "models", help="antipers' own models: train mini-faces and its face embedder"
+    )
     msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     p = msub.add_parser(
         "train-mini",
@@ -534,6 +545,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-steps", type=int, help="VAE optimizer steps (default 1000)")
     p.add_argument("--unet-steps", type=int, help="UNet optimizer steps (default 3200)")
     p.set_defaults(func=cmd_train_mini)
+    p = msub.add_parser(
+        "train-embedder",
+        help="train mini-faces-embedder, the face embedder IDDM optimizes against on "
+        "mini-faces (the shipped weights, by default settings); resumes from DIR/work-embedder",
+    )
+    p.add_argument(
+        "--out", required=True, help="writes DIR/mini-faces-embedder and DIR/work-embedder"
+    )
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, help="default 0 (the shipped weights)")
+    p.add_argument("--people", type=int, help="synthetic people to tell apart (default 2048)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default 2000)")
+    p.set_defaults(func=cmd_train_embedder)
 
     p = sub.add_parser("list", help="registered components with their parameters and defaults")
     p.add_argument("kind", nargs="?", choices=list(REGISTRIES), help="one kind only")

@@ -174,12 +174,12 @@ class Board:
         return hashlib.sha1(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def config_labels(experiments: pd.DataFrame) -> dict[tuple[str, str], str]:
-    """``aspl`` alone, or ``aspl (eps=8)`` where one defense has several configurations
-    on the board: only the parameters that differ are named."""
+def config_labels(experiments: pd.DataFrame, kind: str = "defense") -> dict[tuple[str, str], str]:
+    """``aspl`` alone, or ``aspl (eps=8)`` where one defense (or attack: ``kind``) has
+    several configurations on the board: only the parameters that differ are named."""
     labels = {}
-    for defense, group in experiments.groupby("defense"):
-        params = {p: json.loads(p) if p else {} for p in group["defense_params"].unique()}
+    for name, group in experiments.groupby(kind):
+        params = {p: json.loads(p) if p else {} for p in group[f"{kind}_params"].unique()}
         varying = sorted(
             {
                 k
@@ -190,7 +190,7 @@ def config_labels(experiments: pd.DataFrame) -> dict[tuple[str, str], str]:
         )
         for raw, values in params.items():
             named = ", ".join(f"{k}={json.dumps(values.get(k))}" for k in varying)
-            labels[(defense, raw)] = f"{defense} ({named})" if named else str(defense)
+            labels[(name, raw)] = f"{name} ({named})" if named else str(name)
     return labels
 
 

@@ -96,13 +96,14 @@ def baseline(defenses) -> str | None:
 
 
 def labelled(rows: pd.DataFrame) -> pd.DataFrame:
-    """``defense`` as the boards label it: the name, with the parameters that differ
-    where one defense runs in several configurations."""
-    labels = config_labels(rows)
+    """``defense`` and ``attack`` as the boards label them: the name, with the
+    parameters that differ where one runs in several configurations."""
     rows = rows.copy()
-    rows["defense"] = [
-        labels[(d, p)] for d, p in zip(rows["defense"], rows["defense_params"], strict=True)
-    ]
+    for kind in ("defense", "attack"):
+        labels = config_labels(rows, kind)
+        rows[kind] = [
+            labels[(n, p)] for n, p in zip(rows[kind], rows[f"{kind}_params"], strict=True)
+        ]
     return rows
 
 

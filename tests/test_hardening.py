@@ -301,6 +301,10 @@ def test_serve_names_a_busy_port(tmp_path, capsys):
     "argv, needles",
     [
         (["models", "train-mini", "--out", "OUT", "--pool", "0"], ["pool must be >= 1"]),
+        (
+            ["models", "train-embedder", "--out", "OUT", "--people", "1"],
+            ["people must be >= 2, got 1"],
+        ),
         (["run", "CAMPAIGN", "--store", "OUT", "--gpus", "1.5"], ["a share above 1 must be whole"]),
         (["report", "--store", "nope://x", "--out", "OUT"], ["store nope://x: cannot be used"]),
         (["experiment", "BINARY", "--store", "OUT"], ["not a text file"]),

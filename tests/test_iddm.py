@@ -163,6 +163,7 @@ def test_the_immunization_track_scores_linkability_by_default():
         ({"defense": {"name": "iddm", "embedder": "random:"}}, "expected random or random:SEED"),
         ({"metrics": ["ism", "psnr"]}, "'psnr' compares protected photos"),
         ({"defense": {"name": "iddm", "embedder_depth": "r20"}}, "embedder_depth: expected"),
+        ({"defense": {"name": "iddm", "embedder": "mini-faces"}}, "set embedder_depth: mini"),
         ({"defense": "aspl"}, "defense 'aspl' runs on the image track"),
     ],
 )

@@ -31,6 +31,8 @@ PREFIX = "synth-"
 IDENTITY_STRIDE = 1_000_003
 MAX_DATASET_SEED = 2**31
 TRAINING_SEED_BASE = 2**62
+# the people the ``mini`` face embedder learns to tell apart: another disjoint stream
+EMBEDDER_SEED_BASE = 2**61
 
 
 @functools.lru_cache(maxsize=1)
@@ -87,11 +89,8 @@ class SyntheticDataset:
 
     def faces(self, index: int, resolution: int) -> torch.Tensor:
         """``3 * photos_per_set`` photos of identity ``index`` at ``resolution``."""
-        gen = torch.Generator().manual_seed(identity_seed(self.seed, index))
-        base = torch.randn(1, LATENT_DIM, generator=gen)
-        n = len(SETS) * self.photos_per_set
-        latents = base + self.nudge * torch.randn(n, LATENT_DIM, generator=gen)
-        return generate(latents, resolution)
+        seed = identity_seed(self.seed, index)
+        return person_faces(seed, len(SETS) * self.photos_per_set, self.nudge, resolution)
 
     def load(self, identity: str, resolution: int) -> IdentitySet:
         faces = self.faces(self.index(identity), resolution)
@@ -103,6 +102,13 @@ class SyntheticDataset:
             **sets,
             sources={name: (f"synthetic:seed={self.seed}",) * k for name in SETS},
         )
+
+
+def person_faces(seed: int, count: int, nudge: float, resolution: int) -> torch.Tensor:
+    """``count`` photos of the person drawn from ``seed``: one latent, nudged per photo."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(1, LATENT_DIM, generator=gen)
+    return generate(base + nudge * torch.randn(count, LATENT_DIM, generator=gen), resolution)
 
 
 def identity_seed(dataset_seed: int, index: int) -> int:

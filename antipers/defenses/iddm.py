@@ -42,6 +42,13 @@ from antipers.models.iresnet import LAYERS, WEIGHTS_ENV, IResNet, load_iresnet, 
 
 log = logging.getLogger(__name__)
 RANDOM = re.compile(r"random(?::(\d+))?")  # seeded weights, for tests and smoke runs
+# embedders antipers trains and ships, by name: (weights file, iresnet depth)
+SHIPPED = {
+    "mini-faces": (
+        Path(__file__).resolve().parents[1] / "models/weights/mini-faces-embedder/backbone.pth",
+        "mini",
+    ),
+}
 
 
 def _random_seed(embedder: str) -> int | None:
@@ -55,6 +62,11 @@ def resolve_embedder(embedder: str) -> str:
     scoring worker measures with the very weights optimized against."""
     if _random_seed(embedder) is not None:
         return embedder
+    if embedder in SHIPPED:
+        path = SHIPPED[embedder][0]
+        if not path.is_file():
+            raise FileNotFoundError(f"iddm: the shipped {embedder} embedder is missing: {path}")
+        return str(path)
     raw = embedder or os.environ.get(WEIGHTS_ENV, "")
     if not raw:
         raise FileNotFoundError(
@@ -160,7 +172,9 @@ class IDDM:
     pgd_steps: int = 10  # per round
     eps: float = 8.0  # L-inf budget around the originals, /255: the visible content stays
     step_size: float = 1.0  # /255
-    embedder: str = ""  # backbone.pth path; "" = $ANTIPERS_ARCFACE_TORCH; "random[:SEED]"
+    # backbone.pth path; "" = $ANTIPERS_ARCFACE_TORCH; "random[:SEED]"; "mini-faces"
+    # (antipers' embedder for its miniature, with embedder_depth: mini)
+    embedder: str = ""
     embedder_depth: str = "r50"
 
     def __post_init__(self) -> None:
@@ -182,7 +196,13 @@ class IDDM:
             )
         if self.embedder.startswith("random") and _random_seed(self.embedder) is None:
             raise ValueError(f"embedder: expected random or random:SEED, got {self.embedder!r}")
+        if self.embedder in SHIPPED and self.embedder_depth != SHIPPED[self.embedder][1]:
+            raise ValueError(
+                f"embedder {self.embedder} is an iresnet {SHIPPED[self.embedder][1]}: "
+                f"set embedder_depth: {SHIPPED[self.embedder][1]}"
+            )
         weights = self.embedder and _random_seed(self.embedder) is None
+        weights = weights and self.embedder not in SHIPPED
         if weights and not Path(self.embedder).expanduser().is_file():
             raise ValueError(f"embedder: ArcFace weights {self.embedder} do not exist")
 

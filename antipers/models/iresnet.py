@@ -17,7 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LAYERS = {"r18": (2, 2, 2, 2), "r34": (3, 4, 6, 3), "r50": (3, 4, 14, 3), "r100": (3, 13, 30, 3)}
+LAYERS = {
+    "r18": (2, 2, 2, 2),
+    "r34": (3, 4, 6, 3),
+    "r50": (3, 4, 14, 3),
+    "r100": (3, 13, 30, 3),
+    # antipers' own: the same blocks, an eighth of the width, on 64 px inputs; trained
+    # on the synthetic generator's people (``train_embedder.py``), not an ArcFace model
+    "mini": (1, 1, 1, 1),
+}
+WIDTHS = {"mini": (16, 32, 64, 128)}  # ArcFace's: 64, 128, 256, 512
+SIDES = {"mini": 64}  # ArcFace's: 112 (aligned crops)
 WEIGHTS_ENV = "ANTIPERS_ARCFACE_TORCH"
 SIDE = 112
 EMBEDDING = 512
@@ -54,24 +64,28 @@ class IResNet(nn.Module):
         if depth not in LAYERS:
             raise ValueError(f"depth: unknown {depth!r}; use {', '.join(LAYERS)}")
         self.depth = depth
-        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64, eps=1e-5)
-        self.prelu = nn.PReLU(64)
-        widths, inplanes = (64, 128, 256, 512), 64
+        widths = WIDTHS.get(depth, (64, 128, 256, 512))
+        self.side = SIDES.get(depth, SIDE)
+        inplanes = widths[0]
+        self.conv1 = nn.Conv2d(3, inplanes, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(inplanes, eps=1e-5)
+        self.prelu = nn.PReLU(inplanes)
         for index, (width, blocks) in enumerate(zip(widths, LAYERS[depth], strict=True)):
             layer = [_Block(inplanes, width, 2)] + [
                 _Block(width, width, 1) for _ in range(blocks - 1)
             ]
             setattr(self, f"layer{index + 1}", nn.Sequential(*layer))
             inplanes = width
-        self.bn2 = nn.BatchNorm2d(512, eps=1e-5)
+        self.bn2 = nn.BatchNorm2d(widths[-1], eps=1e-5)
         self.dropout = nn.Dropout(p=0.0)
-        self.fc = nn.Linear(512 * 7 * 7, EMBEDDING)
+        cells = (self.side // 16) ** 2  # four stride-2 stages
+        self.fc = nn.Linear(widths[-1] * cells, EMBEDDING)
         self.features = nn.BatchNorm1d(EMBEDDING, eps=1e-5)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Embeddings of ``images`` in ``[0, 1]``; differentiable with respect to them."""
-        x = F.interpolate(images, size=(SIDE, SIDE), mode="bilinear", align_corners=False)
+        side = (self.side, self.side)
+        x = F.interpolate(images, size=side, mode="bilinear", align_corners=False)
         x = self.prelu(self.bn1(self.conv1(x * 2.0 - 1.0)))
         for index in range(1, 5):
             x = getattr(self, f"layer{index}")(x)
@@ -102,7 +116,14 @@ def load_iresnet(path: str | Path | None = None, depth: str = "r50") -> IResNet:
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     model = IResNet(depth)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # tensors of other shapes: another width
+        first = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), "")
+        raise ValueError(
+            f"ArcFace weights {file} do not fit iresnet {depth}: tensors of other shapes "
+            f"({first}); is it another depth?"
+        ) from None
     if missing or unexpected:
         shown = ", ".join([*missing[:3], *unexpected[:3]])
         raise ValueError(

@@ -35,7 +35,7 @@ from antipers.models.random_init import build_random_bundle
 log = logging.getLogger(__name__)
 
 CLASS_PROMPTS = ("a photo of person", "a dslr portrait of person")
-STAGES = ("vae", "unet")
+STAGES = ("vae", "unet", "embedder")  # the index seeds each stage's draws
 
 
 @dataclass(frozen=True)
@@ -78,16 +78,27 @@ def face_pool(work: Path, config: MiniTrainConfig, chunk: int = 512) -> torch.Te
     """``(pool, 3, R, R)`` uint8 training faces, generated once and cached in ``work``."""
     from antipers.data.synthetic import training_faces
 
-    path = work / f"pool-{config.pool}-{config.resolution}.pt"
+    def build() -> torch.Tensor:
+        parts = []
+        for start in _progress(range(0, config.pool, chunk), "faces", unit_scale=chunk):
+            n = min(chunk, config.pool - start)
+            parts.append(to_uint8(training_faces(start, n, config.resolution)))
+        return torch.cat(parts)
+
+    return cached(work / f"pool-{config.pool}-{config.resolution}.pt", build)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    return (images * 255).round().to(torch.uint8)
+
+
+def cached(path: Path, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Generating faces takes minutes: do it once per work folder, saved atomically."""
     if path.is_file():
         return torch.load(path, weights_only=True)
-    parts = []
-    for start in _progress(range(0, config.pool, chunk), "faces", unit_scale=chunk):
-        n = min(chunk, config.pool - start)
-        parts.append((training_faces(start, n, config.resolution) * 255).round().to(torch.uint8))
-    pool = torch.cat(parts)
-    _atomic_save(pool, path)
-    return pool
+    tensor = build()
+    _atomic_save(tensor, path)
+    return tensor
 
 
 def _as_float(images: torch.Tensor) -> torch.Tensor:
@@ -111,11 +122,12 @@ def run_loop(
     loop: Loop,
     step_fn: Callable[[int, torch.Generator], torch.Tensor],
     work: Path,
-    config: MiniTrainConfig,
+    config: Any,
     max_grad_norm: float = 1.0,
 ) -> None:
     """Train from the stage's last checkpoint to ``loop.steps``: checkpoint every
-    ``checkpoint_every_s`` and at the end, one loss-log line per step."""
+    ``checkpoint_every_s`` and at the end, one loss-log line per step. ``config``: any
+    training configuration with ``seed`` and ``checkpoint_every_s``."""
     ckpt = work / f"{loop.stage}.ckpt"
     start = _restore(loop, ckpt)
     losses = _LossLog(work / "losses.csv", loop.stage, keep_until=start)
@@ -324,7 +336,7 @@ def train_mini(
 _NOT_WEIGHTS = {"checkpoint_every_s", "eval_identities", "eval_samples"}
 
 
-def _check_same_run(path: Path, config: MiniTrainConfig) -> None:
+def _check_same_run(path: Path, config: Any, command: str = "train-mini") -> None:
     """Checkpoints in ``work`` belong to one configuration; resuming them under other
     settings would mix two trainings."""
     before = _read_json(path)
@@ -335,7 +347,7 @@ def _check_same_run(path: Path, config: MiniTrainConfig) -> None:
     if changed:
         diff = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed)
         raise UserError(
-            f"train-mini: {path.parent} holds a training with other settings ({diff}); "
+            f"{command}: {path.parent} holds a training with other settings ({diff}); "
             "give another --out, or the same settings to resume it"
         )
 
