@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import zlib
 from collections import defaultdict
@@ -82,17 +83,25 @@ IMMUNIZATION_METRICS = (
 )
 TRACK_METRICS = {"model": MODEL_METRICS, "immunization": IMMUNIZATION_METRICS}
 FLOOR = "floor (no personalization)"
-CONTROL = "iterations=0"  # a model-track defense's control: the clean model, its checks
+CONTROL = re.compile(r"\biterations=0\b")  # a model-track defense's control (label)
 
 
 def baseline(defenses) -> str | None:
-    """What each defense is compared with: the undefended attack, or on a campaign
-    without one the control configuration (PersGuard's ``iterations: 0``: the same
-    attack and backdoor check on the clean model)."""
+    """Where a table's rows start: the undefended attack, or on a campaign without one
+    the control configuration (PersGuard's ``iterations: 0``)."""
     defenses = list(defenses)
     if "none" in defenses:
         return "none"
-    return next((d for d in defenses if CONTROL in d), None)
+    return next((d for d in defenses if CONTROL.search(d)), None)
+
+
+def reference(defenses, having) -> str | None:
+    """What a defense's metric is compared with: the undefended attack where it has the
+    metric, else the control (the same attack and check on the clean model: ``none``
+    has no backdoor to check)."""
+    defenses = list(defenses)
+    candidates = ["none"] * ("none" in defenses) + [d for d in defenses if CONTROL.search(d)]
+    return next((d for d in candidates if d in set(having)), None)
 
 
 def labelled(rows: pd.DataFrame) -> pd.DataFrame:
@@ -268,28 +277,32 @@ def checks(frame: pd.DataFrame) -> list[str]:
         ["attack", "countermeasure"]
     ):
         by = group.set_index("defense")
-        base = baseline(by.index)
-        if base is None:
-            continue
-        n = by.loc[base]
-        if cm == "none" and base == "none" and not fl.empty:
+        if "none" in by.index and cm == "none" and not fl.empty:
+            n = by.loc["none"]
             out.append(
                 f"{attack}: undefended linkability {n['linkability']:.3f} (>= 0.6: "
                 f"{n['linkability'] >= 0.6}; floor {f['linkability']:.3f}), ISM {n['ism']:.3f} "
                 f"vs floor {f['ism']:.3f}, intervals apart: {apart(n, f, 'ism')}"
             )
-        for defense in by.index.drop(base):
-            d = by.loc[defense]
-            parts = [
-                f"{m} {n[m]:.3f} -> {d[m]:.3f} (apart: {apart(n, d, m)})"
-                for m in COMPARED
-                if m in d and pd.notna(d[m])
-            ]
+        for defense in by.index:
+            d, parts = by.loc[defense], {}
+            for m in COMPARED:
+                having = by.index[by[m].notna()] if m in by else []
+                ref = reference(by.index, having)
+                if ref is None or ref == defense or m not in d or pd.isna(d[m]):
+                    continue
+                n = by.loc[ref]
+                parts.setdefault(ref, []).append(
+                    f"{m} {n[m]:.3f} -> {d[m]:.3f} (apart: {apart(n, d, m)})"
+                )
+            extra = []
             if "psnr" in d and pd.notna(d["psnr"]):
-                parts.append(f"PSNR {d['psnr']:.1f} dB")
+                extra.append(f"PSNR {d['psnr']:.1f} dB")
             if "generic_loss_gain" in d and pd.notna(d["generic_loss_gain"]):
-                parts.append(f"generic_loss_gain {d['generic_loss_gain']:+.4f}")
-            out.append(f"{attack} / {cm}: {defense} against {base}: " + ", ".join(parts))
+                extra.append(f"generic_loss_gain {d['generic_loss_gain']:+.4f}")
+            for i, (ref, measured) in enumerate(parts.items()):
+                shown = measured + (extra if i == len(parts) - 1 else [])
+                out.append(f"{attack} / {cm}: {defense} against {ref}: " + ", ".join(shown))
     return out
 
 
@@ -319,23 +332,26 @@ def paired(rows: pd.DataFrame) -> list[str]:
     out = []
     for (attack, cm), group in agg.groupby(["attack", "countermeasure"]):
         by = group.pivot_table(index="person", columns=["metric", "defense"], values="value")
-        base = baseline(group["defense"].unique())
-        for defense in sorted(set(group["defense"]) - {base}):
-            parts = []
+        defenses = group["defense"].unique()
+        for defense in sorted(defenses):
+            parts: dict[str, list[str]] = {}
             for metric in ("fdfr", *COMPARED):
-                if (metric, base) not in by or (metric, defense) not in by:
+                base = reference(defenses, [r for r in defenses if (metric, r) in by])
+                if base in (None, defense) or (metric, defense) not in by:
                     continue
                 diff = (by[(metric, defense)] - by[(metric, base)]).dropna().to_numpy()
                 if len(diff) < 2:
                     continue
                 low, high = mean_interval(diff, rules)
                 sign = "below 0" if high < 0 else "above 0" if low > 0 else "spans 0"
-                parts.append(f"{metric} {diff.mean():+.3f} [{low:+.3f}, {high:+.3f}] ({sign})")
-            if parts:
+                parts.setdefault(base, []).append(
+                    f"{metric} {diff.mean():+.3f} [{low:+.3f}, {high:+.3f}] ({sign})"
+                )
+            for base, measured in parts.items():
                 n = by[("ism", defense)].notna().sum() if ("ism", defense) in by else 0
                 out.append(
                     f"{attack} / {cm}: {defense} minus {base}, paired over {n} people: "
-                    + ", ".join(parts)
+                    + ", ".join(measured)
                 )
     return out
 

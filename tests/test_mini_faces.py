@@ -19,23 +19,41 @@ from antipers.models.train_mini import Loop, MiniTrainConfig, _optimizer, run_lo
 # ---- the seed streams --------------------------------------------------------------------
 
 
-def test_training_faces_come_from_seeds_no_identity_can_have():
-    """Identity seeds are ``seed * stride + index`` with both bounded by the dataset's
-    checks; every training seed lies above the largest of them."""
-    largest_identity_seed = synthetic.identity_seed(
-        synthetic.MAX_DATASET_SEED - 1, synthetic.IDENTITY_STRIDE - 1
-    )
-    assert min(synthetic.training_seeds(0, 10**6)) > largest_identity_seed
+def test_the_dataset_bounds_its_seeds():
     for bad in ({"seed": -1}, {"seed": synthetic.MAX_DATASET_SEED}):
         with pytest.raises(ValueError, match="seed"):
             synthetic.SyntheticDataset(**bad)
     with pytest.raises(ValueError, match="n_identities"):
         synthetic.SyntheticDataset(n_identities=synthetic.IDENTITY_STRIDE + 1)
-    # distinct seeds give distinct people: no training face is an identity's photo
-    train = synthetic.training_faces(0, 16, 32)
-    people = torch.cat([synthetic.SyntheticDataset(n_identities=4).faces(i, 32) for i in range(4)])
-    closest = torch.cdist(train.flatten(1), people.flatten(1)).min()
-    assert closest > 1.0, "a training face equals an evaluation photo"
+
+
+def test_torch_keeps_only_32_bits_of_a_seed():
+    """Why integer offsets cannot separate seed streams (see ``synthetic``'s header)."""
+    low = torch.randn(4, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(torch.randn(4, generator=torch.Generator().manual_seed(2**62 + 5)), low)
+
+
+def identity_latents(dataset_seeds: range, count: int) -> torch.Tensor:
+    return torch.cat([synthetic.identity_latent(s, i) for s in dataset_seeds for i in range(count)])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the shipped pool's seeds 2**62 + k act as seed k: pool face k is the seed-0 "
+    "dataset's identity k (its base face); retraining on a stream of its own: issue 18",
+)
+def test_no_training_face_is_an_identity():
+    """Random 100-d normal latents lie about 14 apart; a shared person is 0 apart."""
+    closest = torch.cdist(synthetic.training_latents(0, 256), identity_latents(range(5), 256))
+    assert closest.min() > 5.0
+
+
+def test_the_pool_meets_no_dataset_but_seed_0():
+    """What the defect above reaches: the seed-0 dataset's first 24,576 identities, and
+    no identity of datasets 1-4 (the validity campaign's other galleries)."""
+    pool = synthetic.training_latents(0, 256)
+    assert torch.cdist(pool, identity_latents(range(1, 5), 256)).min() > 5.0
+    assert torch.equal(pool[:8], identity_latents(range(0, 1), 8))
 
 
 def test_identity_photos_did_not_change():

@@ -79,6 +79,10 @@ def test_pattern_backdoor_output_is_a_visible_checkerboard():
             {"name": "persguard", "backdoor": "target", "target_image": "/no/such/file.png"},
             "target_image: /no/such/file.png does not exist",
         ),
+        (
+            {"name": "persguard", "backdoor": "erasure", "iterations": 0},
+            "erasure has no check of its own",
+        ),
     ],
 )
 def test_bad_backdoors_are_refused_when_the_spec_loads(defense, message):

@@ -21,9 +21,9 @@ from antipers.search import SearchSpec
 
 DEMO_NOTE = (
     "The demo runs mini-faces, antipers' own 64 px miniature diffusion model trained on "
-    "synthetic faces, against synthetic people it never saw: it shows that the benchmark "
-    "measures protection and lets defenses be compared offline. It is no substitute for "
-    "numbers on a real base model (sd15, sd21-base) with CelebA-HQ or VGGFace2."
+    "synthetic faces, against synthetic people whose photos it never trained on: it shows "
+    "that the benchmark measures protection and lets defenses be compared offline. It is "
+    "no substitute for numbers on a real base model (sd15, sd21-base) with CelebA-HQ or VGGFace2."
 )
 
 

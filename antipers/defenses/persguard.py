@@ -146,6 +146,11 @@ class PersGuard(ClassImageSettings):
                 raise ValueError(f"target_image: {self.target_image} does not exist")
         if self.iterations < 0:
             raise ValueError(f"iterations: expected >= 0, got {self.iterations}")
+        if self.iterations == 0 and self.backdoor == "erasure":
+            raise ValueError(
+                "iterations: 0 is a backdoor check on the clean model, and erasure has no check "
+                "of its own (its measure is the identity metrics): use defense none instead"
+            )
         if self.iterations == 0 and self.save_to:
             raise ValueError(
                 "save_to: iterations 0 is the control (the clean model); nothing to save"

@@ -1,11 +1,12 @@
 """Training ``mini-faces``: ``antipers models train-mini --out DIR`` reproduces the weights.
 
-Stages, each resumable: a pool of generator faces (seeds disjoint from every
-``synthetic`` identity), the VAE on those faces, the pool's latents, the UNet on
-them with the protocol's class prompts and prompt dropout, then the export (a
-diffusers folder with a manifest, a model card and its loss curves). Every step's
-randomness comes from a generator seeded by (seed, stage, step), so a run resumed
-from a checkpoint continues exactly as an uninterrupted one would.
+Stages, each resumable: a pool of generator faces (``training_seeds``: they meet the
+seed-0 ``synthetic`` dataset's base faces, see ``synthetic``'s header), the VAE on
+those faces, the pool's latents, the UNet on them with the protocol's class prompts
+and prompt dropout, then the export (a diffusers folder with a manifest, a model card
+and its loss curves). Every step's randomness comes from a generator seeded by (seed,
+stage, step), so a run resumed from a checkpoint continues exactly as an uninterrupted
+one would.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 CLASS_PROMPTS = ("a photo of person", "a dslr portrait of person")
 STAGES = ("vae", "unet", "embedder")  # the index seeds each stage's draws
+MODEL_STAGES = ("vae", "unet")  # mini-faces' own (its card's loss figure)
 
 
 @dataclass(frozen=True)
@@ -139,12 +141,13 @@ def run_loop(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(loop.module.parameters(), max_grad_norm)
         loop.optimizer.step()
+        lr = loop.schedule.get_last_lr()[0]  # this step's, before the schedule moves on
         loop.schedule.step()
         loop.optimizer.zero_grad(set_to_none=True)
         if loop.ema is not None:
             loop.ema.step(loop.module.parameters())
         value = loss.item()
-        losses.add(step, value, loop.schedule.get_last_lr()[0])
+        losses.add(step, value, lr)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{value:.4f}", refresh=False)
         if time.monotonic() - last_save > config.checkpoint_every_s or step + 1 == loop.steps:
@@ -307,11 +310,7 @@ def train_mini(
     timings: dict[str, float] = _read_json(work / "timings.json")
 
     def timed(stage: str, fn: Callable[[], Any]) -> Any:
-        t0 = time.monotonic()
-        value = fn()
-        timings[stage] = timings.get(stage, 0.0) + time.monotonic() - t0
-        (work / "timings.json").write_text(json.dumps(timings, indent=1))
-        return value
+        return timed_stage(work, timings, stage, fn)
 
     torch.manual_seed(config.seed)
     bundle = build_random_bundle(
@@ -330,6 +329,16 @@ def train_mini(
         "mean_posterior_std": float(std.mean()),
     }
     return export(cpu, out / "mini-faces", config, timings, report, work)
+
+
+def timed_stage(work: Path, timings: dict[str, float], stage: str, fn: Callable[[], Any]) -> Any:
+    """Run ``fn``; add its time to ``timings`` and ``work/timings.json``, so a resumed
+    training reports the time of all its runs."""
+    t0 = time.monotonic()
+    value = fn()
+    timings[stage] = timings.get(stage, 0.0) + time.monotonic() - t0
+    (work / "timings.json").write_text(json.dumps(timings, indent=1))
+    return value
 
 
 # settings that do not change the weights: a resumed run may differ in them
@@ -405,25 +414,47 @@ def export(
     work: Path,
 ) -> Path:
     """The diffusers folder, the card, the loss figure and the manifest, renamed into place."""
-    staging = folder.with_name(f".{folder.name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    bundle.save_pretrained(staging)
     record = {
         "config": dataclasses.asdict(config),
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads",
+        "machine": machine(),
         "commit": _commit(),
         "evaluation": report,
         "text_encoder": "tiny CLIP text model frozen at its seeded init (seed = config.seed + 2)",
     }
-    (staging / "training.json").write_text(json.dumps(record, indent=1) + "\n")
-    _loss_figure(_read_losses(work / "losses.csv"), staging / "loss.png")
-    (staging / "README.md").write_text(model_card(record))
-    write_manifest(staging)
+
+    def write(staging: Path) -> None:
+        bundle.save_pretrained(staging)
+        (staging / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+        _loss_figure(_read_losses(work / "losses.csv"), staging / "loss.png")
+        (staging / "README.md").write_text(model_card(record))
+        write_manifest(staging)
+
+    return staged_export(folder, write)
+
+
+def machine() -> str:
+    return (
+        f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+
+
+def staged_export(folder: Path, write: Callable[[Path], None]) -> Path:
+    """``write`` fills a staging folder beside ``folder``, which then replaces it: a crash
+    leaves the old export or none, never half of one."""
+    staging = folder.with_name(f".{folder.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    write(staging)
     if folder.exists():
-        shutil.rmtree(folder)
-    staging.rename(folder)
+        old = folder.with_name(f".{folder.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+        staging.rename(folder)
+        shutil.rmtree(old)
+    else:
+        staging.rename(folder)
     return folder
 
 
@@ -450,9 +481,9 @@ should; it is no substitute for numbers on Stable Diffusion.
   {cfg["prompt_dropout"]} (classifier-free guidance).
 - Text encoder: {record["text_encoder"]}, with the real CLIP tokenizer.
 - Data: {cfg["pool"]} faces of the DCGAN generator that `gan-face-generate` ships, one
-  person each, from seeds 2**62 and up: disjoint from every identity the `synthetic`
-  dataset can produce (its seeds stay below 2**52), so every evaluation identity is a
-  person the model never saw.
+  person each, from torch seeds 2**62 + k, which torch reduces to k: face k is the base
+  face of identity k of the `synthetic` dataset with seed 0; datasets with seed 1 and up
+  never meet the pool (`antipers/data/synthetic.py`).
 - Trained on {record["machine"]} in {hours:.2f} h
   ({", ".join(f"{k} {v:.0f} s" for k, v in record["timings_s"].items())}), training code at
   commit `{record["commit"]}`. Reproduce: `antipers models train-mini --out DIR`.
@@ -487,8 +518,8 @@ def _loss_figure(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, len(STAGES), figsize=(9, 3))
-    for ax, stage in zip(axes, STAGES, strict=True):
+    fig, axes = plt.subplots(1, len(MODEL_STAGES), figsize=(9, 3))
+    for ax, stage in zip(axes, MODEL_STAGES, strict=True):
         losses = np.array([float(r["loss"]) for r in rows if r["stage"] == stage])
         if len(losses):
             window = max(1, len(losses) // 50)
