@@ -123,6 +123,24 @@ def test_linkability_has_a_known_answer():
     assert claimed.status == "ok" and claimed.aggregate == 0.0
 
 
+def test_a_gallery_entry_without_a_face_is_left_out_not_fatal():
+    from antipers.data.synthetic import SyntheticDataset
+    from antipers.metrics.identity import Linkability
+
+    dataset = SyntheticDataset(n_identities=3)
+    people = {name: dataset.load(name, 64) for name in dataset.identities()}
+    gallery = {name: person.set_A for name, person in people.items()}
+    gallery["synth-0002"] = torch.full_like(gallery["synth-0002"], 0.5)  # grey: no face
+    alice = people["synth-0000"]
+    inputs = ScoreInputs(alice.set_B, alice.set_A, "synth-0000", gallery=gallery)
+    result = Linkability().score(inputs)
+    assert result.aggregate == 1.0
+    assert result.notes == {"gallery_size": 2.0, "gallery_without_face": 1.0}
+    own_blank = dict(gallery, **{"synth-0000": gallery["synth-0002"]})
+    with pytest.raises(ValueError, match="gallery photos of 'synth-0000'"):
+        Linkability().score(ScoreInputs(alice.set_B, alice.set_A, "synth-0000", gallery=own_blank))
+
+
 def test_lpips_through_pyiqa_with_random_init_weights(faces, tmp_path, monkeypatch):
     """pyiqa's real LPIPS code path; only the (random, seeded) weights differ."""
     from torchvision.models import alexnet

@@ -68,7 +68,9 @@ class ISM:
 @dataclass(frozen=True)
 class Linkability:
     """Rank-1 retrieval against a gallery of every identity's mean reference face: 1 if
-    the person's own entry is the nearest, 0 if another identity's is, NaN with no face."""
+    the person's own entry is the nearest, 0 if another identity's is, NaN with no face.
+    Another identity whose references have no face is left out of the gallery (noted),
+    so one unusable photo set does not void every other person's linkability."""
 
     backend: BackendName = "offline"
     needs_gallery: ClassVar[bool] = True
@@ -81,10 +83,23 @@ class Linkability:
         gallery.setdefault(inputs.identity, inputs.references)
         if len(gallery) < 2:
             raise ValueError("linkability needs a gallery of at least two identities")
-        names = sorted(gallery)
-        means = np.stack(
-            [mean_embedding(gallery[n], self.backend, f"gallery photos of {n!r}")[0] for n in names]
-        )
+        names, means, left_out = [], [], 0
+        for name in sorted(gallery):
+            try:
+                mean = mean_embedding(gallery[name], self.backend, f"gallery photos of {name!r}")
+            except ValueError:
+                if name == inputs.identity:
+                    raise
+                left_out += 1
+                continue
+            names.append(name)
+            means.append(mean[0])
+        if len(names) < 2:
+            raise ValueError(
+                f"linkability needs a gallery of at least two identities with a face; "
+                f"{left_out} of {len(gallery)} have none (backend {self.backend!r})"
+            )
+        means = np.stack(means)
         backend = face_backend(self.backend)
         emb = backend.embed(inputs.generated)
         values = np.full(len(emb), np.nan)
@@ -92,4 +107,7 @@ class Linkability:
         if found.any():
             nearest = np.argmax(emb[found] @ means.T, axis=1)
             values[found] = [1.0 if names[i] == inputs.identity else 0.0 for i in nearest]
-        return result(self, values, backend.name, notes={"gallery_size": float(len(names))})
+        notes = {"gallery_size": float(len(names))}
+        if left_out:
+            notes["gallery_without_face"] = float(left_out)
+        return result(self, values, backend.name, notes=notes)
