@@ -109,11 +109,17 @@ class SyntheticDataset:
         )
 
 
-def person_faces(seed: int, count: int, nudge: float, resolution: int) -> torch.Tensor:
-    """``count`` photos of the person drawn from torch ``seed``: one latent, nudged per photo."""
+def torch_latents(seed: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The person of torch ``seed``: a base latent, then ``count`` nudges."""
     gen = torch.Generator().manual_seed(seed)
     base = torch.randn(1, LATENT_DIM, generator=gen)
-    return generate(base + nudge * torch.randn(count, LATENT_DIM, generator=gen), resolution)
+    return base, torch.randn(count, LATENT_DIM, generator=gen)
+
+
+def person_faces(seed: int, count: int, nudge: float, resolution: int) -> torch.Tensor:
+    """``count`` photos of the person drawn from torch ``seed``: one latent, nudged per photo."""
+    base, nudges = torch_latents(seed, count)
+    return generate(base + nudge * nudges, resolution)
 
 
 def stream_latents(stream: int, index: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,8 +139,7 @@ def stream_faces(
 
 def identity_latent(dataset_seed: int, index: int) -> torch.Tensor:
     """The base latent of a ``synthetic`` identity (what its photos are nudged from)."""
-    gen = torch.Generator().manual_seed(identity_seed(dataset_seed, index))
-    return torch.randn(1, LATENT_DIM, generator=gen)
+    return torch_latents(identity_seed(dataset_seed, index), 0)[0]
 
 
 def identity_seed(dataset_seed: int, index: int) -> int:
@@ -156,12 +161,7 @@ def training_seeds(start: int, count: int) -> range:
 
 def training_latents(start: int, count: int) -> torch.Tensor:
     """The latents of ``training_faces``: one torch seed each, from ``training_seeds``."""
-    return torch.cat(
-        [
-            torch.randn(1, LATENT_DIM, generator=torch.Generator().manual_seed(seed))
-            for seed in training_seeds(start, count)
-        ]
-    )
+    return torch.cat([torch_latents(seed, 0)[0] for seed in training_seeds(start, count)])
 
 
 def training_faces(start: int, count: int, resolution: int = 64) -> torch.Tensor:
