@@ -3,7 +3,8 @@ expanded into ``ExperimentSpec``s and checked entirely before any work starts.
 
 A parameter given as a list is a grid axis (``eps: [4, 8]``), except for parameters
 whose own type is a list (``eot``, ``prompts``): for those, a list of lists is the
-axis. Each entry of ``countermeasures`` is a chain. Every error names the file, the
+axis. Each entry of ``countermeasures`` is a chain, or ``countermeasures`` names an
+attacker suite (``robust``: ``antipers/attacks/suites.py``). Every error names the file, the
 line and the field.
 """
 
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from antipers.attacks.suites import SUITES
+from antipers.attacks.suites import expand as expand_suite
 from antipers.errors import UserError
 from antipers.registry import ATTACKS, DATASETS, DEFENSES, Registry, SpecError
 from antipers.spec import ExperimentSpec
@@ -152,11 +155,13 @@ def load_campaign(path: str | Path) -> Campaign:
     grids = {
         "datasets": data["datasets"],
         "defenses": data["defenses"],
-        "countermeasures": data.get("countermeasures", ["none"]),
+        "countermeasures": expand_suite(data.get("countermeasures", ["none"])),
         "attacks": data["attacks"],
         "seeds": data.get("seeds", [0]),
     }
     for key, value in grids.items():
+        if key == "countermeasures" and isinstance(value, str):
+            raise fail((key,), f"unknown attacker suite {value!r}; suites: {', '.join(SUITES)}")
         if not isinstance(value, list):
             raise fail((key,), f"expected a list, got {type(value).__name__}")
         if not value:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import json
 import math
 import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -159,6 +161,22 @@ def _float_or_none(value: Any) -> float | None:
     return None
 
 
+class Params(dict):  # type: ignore[type-arg]
+    """A mapping-valued parameter (an EOT entry's settings): read-only and hashable, as
+    the frozen components that hold it are."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(json.dumps(self, sort_keys=True, default=str))
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickle and deepcopy (Ray) without setitem
+        return (Params, (dict(self),))
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("component parameters are read-only")
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _read_only  # type: ignore[assignment]
+
+
 def coerce(value: Any, tp: Any, field: str) -> Any:
     """``value`` as type ``tp`` or a SpecError naming ``field`` and the expected type."""
     origin = typing.get_origin(tp)
@@ -176,6 +194,10 @@ def coerce(value: Any, tp: Any, field: str) -> Any:
             except SpecError:
                 continue
         raise SpecError(f"{field}: expected {type_name(tp)}, got {value!r}")
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise SpecError(f"{field}: expected a mapping ({type_name(tp)}), got {value!r}")
+        return Params(value)
     if origin is typing.Literal:
         if value in args:
             return value
@@ -272,6 +294,8 @@ for _name, _target in [
     ("blur", "antipers.attacks.countermeasures:Blur"),
     ("flip", "antipers.attacks.countermeasures:Flip"),
     ("purify", "antipers.attacks.countermeasures:Purify"),
+    ("noise", "antipers.attacks.countermeasures:Noise"),
+    ("impress", "antipers.attacks.impress:Impress"),
     ("mix", "antipers.attacks.countermeasures:Mix"),
 ]:
     COUNTERMEASURES.register(_name, _target)

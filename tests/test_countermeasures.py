@@ -1,7 +1,17 @@
 import pytest
 import torch
 
-from antipers.attacks.countermeasures import JPEG, AttackEnv, Blur, Flip, Mix, Purify, Resize
+from antipers.attacks.countermeasures import (
+    JPEG,
+    AttackEnv,
+    Blur,
+    Flip,
+    Mix,
+    Noise,
+    Purify,
+    Resize,
+)
+from antipers.attacks.impress import Impress, consistency
 from antipers.attacks.sampling import SCHEDULERS, GuidedSampler
 from antipers.data.synthetic import SyntheticDataset
 from antipers.images import check_images
@@ -31,6 +41,9 @@ def env(tiny_bundle, person):
         Flip(0.5),
         Purify(50, 3),
         Mix(2),
+        Noise(12.75),
+        Noise(255.0),
+        Impress(steps=3),
     ],
     ids=repr,
 )
@@ -76,6 +89,60 @@ def test_purify_at_zero_is_identity_and_above_changes(person, env):
 def test_purify_rejects_timestep_beyond_the_schedule(person, env):
     with pytest.raises(ValueError, match="purify.t: expected < 1000"):
         Purify(1000).apply(person.set_B, env)
+
+
+def test_noise_has_the_stated_sigma_and_repeats_by_seed(person, tiny_bundle):
+    gray = torch.full((4, 3, 64, 64), 0.5)
+    out = Noise(12.75).apply(gray, AttackEnv(tiny_bundle, person, torch.Generator().manual_seed(0)))
+    assert float((out - gray).std()) == pytest.approx(12.75 / 255, rel=0.02)
+    again = Noise(12.75).apply(
+        gray, AttackEnv(tiny_bundle, person, torch.Generator().manual_seed(0))
+    )
+    other = Noise(12.75).apply(
+        gray, AttackEnv(tiny_bundle, person, torch.Generator().manual_seed(1))
+    )
+    assert torch.equal(out, again) and not torch.equal(out, other)
+    assert Noise(0).apply(gray, AttackEnv(tiny_bundle, person, torch.Generator())) is gray
+    with pytest.raises(ValueError, match="sigma"):
+        Noise(-1.0)
+
+
+def test_impress_makes_the_photos_vae_consistent_within_its_distance(person, env):
+    photos = person.set_B
+    out = Impress(steps=20, lr=0.01, delta=0.05).apply(photos, env)
+    with torch.no_grad():
+        before, after = consistency(photos, env), consistency(out, env)
+    assert (after < before).all()
+    rms = ((out - photos) ** 2).flatten(1).mean(1).sqrt()
+    assert (rms < 0.05 + 0.02).all()  # the hinge holds it near delta (Adam overshoots a little)
+    assert torch.equal(out, Impress(steps=20, lr=0.01, delta=0.05).apply(photos, env))
+    assert Impress(steps=0).apply(photos, env) is photos
+
+
+def test_impress_names_missing_lpips_weights(person, env, tmp_path):
+    with pytest.raises(ValueError, match="impress.lpips_weights: .*missing.pth"):
+        Impress(steps=1, lpips_weights=str(tmp_path / "missing.pth")).apply(person.set_B, env)
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        Impress(lr=0)
+
+
+def test_the_robust_suite_expands_in_a_campaign(tmp_path):
+    from antipers.attacks.suites import SUITES
+    from antipers.campaign import CampaignError, load_campaign
+
+    text = (
+        "base_model: tiny\nresolution: 32\n"
+        "datasets: [{name: synthetic, n_identities: 1}]\n"
+        "defenses: [none]\nattacks: [{name: lora, steps: 1, prior_weight: 0}]\n"
+    )
+    path = tmp_path / "c.yaml"
+    path.write_text(text + "countermeasures: robust\n")
+    chains = {s.countermeasure_name for s in load_campaign(path).specs}
+    assert chains == {"none", "jpeg", "noise", "impress", "purify"}
+    assert len(SUITES["robust"]) == 5
+    path.write_text(text + "countermeasures: sturdy\n")
+    with pytest.raises(CampaignError, match="unknown attacker suite 'sturdy'; suites: robust"):
+        load_campaign(path)
 
 
 def test_mix_puts_exactly_k_clean_photos_in(person, env):

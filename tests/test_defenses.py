@@ -11,14 +11,16 @@ from antipers.images import quantize, read_images, write_png
 from antipers.registry import DEFENSES
 from tests.conftest import eval_loss
 
-FAST = {"iterations": 2, "pgd_steps": 2, "surrogate_steps": 1}
+# prior preservation (the default) on two class images of two DDIM steps: the plumbing
+CLASS = {"num_class_images": 2, "class_steps": 2}
+FAST = {"iterations": 2, "pgd_steps": 2, "surrogate_steps": 1, **CLASS}
 DEFENSE_PARAMS = {
     "aspl": FAST,
-    "fsmg": {"pgd_steps": 3, "finetune_steps": 2},
+    "fsmg": {"pgd_steps": 3, "finetune_steps": 2, **CLASS},
     "simac": {**FAST, "search_every": 1, "search_delta": 300},
     "cap-aspl": {**FAST, "cap_warmup": 2},
     "cap-simac": {**FAST, "cap_measure": "grad"},
-    "cap-fsmg": {"pgd_steps": 3, "finetune_steps": 1},
+    "cap-fsmg": {"pgd_steps": 3, "finetune_steps": 1, **CLASS},
 }
 
 
@@ -116,6 +118,78 @@ def test_surrogate_snapshots_only_trainable_weights(tiny_bundle, person, kind):
     assert not any(p.requires_grad for p in tiny_bundle.unet.parameters())
 
 
+def _spy_training(bundle, monkeypatch):
+    """What each surrogate step trains on: (batch size, prompt) per loss term."""
+    seen = []
+    prompts = {p: bundle.prompt_embeds([p]) for p in ("a photo of sks person", "a photo of person")}
+    real = bundle.training_loss
+
+    def spy(latents, cond, *rest):
+        if not latents.requires_grad:  # a training step (PGD's latents carry a gradient)
+            prompt = next(p for p, e in prompts.items() if torch.allclose(cond[:1], e))
+            seen.append((latents.shape[0], prompt))
+        return real(latents, cond, *rest)
+
+    monkeypatch.setattr(bundle, "training_loss", spy)
+    return seen
+
+
+def test_surrogate_steps_train_as_the_reference(person, tiny_bundle, monkeypatch):
+    """Anti-DreamBooth's train_one_epoch: each step one instance photo (instance prompt)
+    and one class image (class prompt), prior weight 1."""
+    seen = _spy_training(tiny_bundle, monkeypatch)
+    aspl = DEFENSES.build(
+        "aspl", {**FAST, "iterations": 1, "surrogate_steps": 2, "train_text_encoder": False}
+    )
+    aspl.protect(person, tiny_bundle, torch.Generator().manual_seed(0))
+    step = [(1, "a photo of sks person"), (1, "a photo of person")]
+    assert seen == step * 4  # two phases of two steps
+
+
+def test_whole_set_surrogate_is_a_setting(person, tiny_bundle, monkeypatch):
+    seen = _spy_training(tiny_bundle, monkeypatch)
+    settings = {"prior_weight": 0, "surrogate_batch": 8, "train_text_encoder": False}
+    aspl = DEFENSES.build("aspl", {**FAST, "iterations": 1, "surrogate_steps": 2, **settings})
+    aspl.protect(person, tiny_bundle, torch.Generator().manual_seed(0))
+    assert seen == [(len(person.set_A), "a photo of sks person")] * 4
+
+
+def test_eot_entries_take_parameters_and_purify_with_the_frozen_base(person, tiny_bundle):
+    from antipers.attacks.countermeasures import JPEG, Purify
+
+    eot = ({"name": "jpeg", "quality": 50}, {"name": "purify", "t": 20, "steps": 2}, "blur")
+    aspl = DEFENSES.build("aspl", {**FAST, "eot": eot})
+    assert aspl.eot[0] == {"name": "jpeg", "quality": 50}
+    with pytest.raises(ValueError, match="eot\\[0\\] \\(jpeg\\): quality"):
+        DEFENSES.build("aspl", {"eot": [{"name": "jpeg", "quality": 500}]})
+    seen = []
+    real_jpeg, real_purify = JPEG.apply, Purify.apply
+
+    def jpeg(self, images, env):
+        seen.append(("jpeg", self.quality))
+        return real_jpeg(self, images, env)
+
+    def purify(self, images, env):
+        unet = env.bundle.unet
+        seen.append(("purify", unet is not tiny_bundle.unet))
+        trained = dict(tiny_bundle.unet.named_parameters())
+        seen.append(
+            ("frozen", all(torch.equal(p, originals[n]) for n, p in unet.named_parameters()))
+        )
+        seen.append(("trained", any(not torch.equal(p, originals[n]) for n, p in trained.items())))
+        return real_purify(self, images, env)
+
+    originals = {n: p.detach().clone() for n, p in tiny_bundle.unet.named_parameters()}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(JPEG, "apply", jpeg)
+        mp.setattr(Purify, "apply", purify)
+        DEFENSES.build("aspl", {**FAST, "eot": eot, "pgd_steps": 6}).protect(
+            person, tiny_bundle, torch.Generator().manual_seed(0)
+        )
+    assert ("jpeg", 50) in seen and ("purify", True) in seen
+    assert ("frozen", False) not in seen and ("trained", True) in seen
+
+
 def test_eot_and_lora_surrogate_run(person, tiny_bundle):
     out = protect(
         "aspl",
@@ -150,22 +224,52 @@ def test_eot_makes_the_perturbation_survive_its_transform():
     assert loss(plain) > loss(eot)  # without the transform, plain PGD is the better one
 
 
-@pytest.mark.parametrize("peak, expected", [(400, 400), (1000, 1000), (-500, 100)])
-def test_simac_greedy_search_stops_where_the_gain_stops_rising(tiny_bundle, peak, expected):
+@pytest.mark.parametrize("peak, expected", [(400, 400), (1000, 1000), (-500, 100), (430, 400)])
+def test_simac_greedy_rule_stops_where_the_gain_stops_rising(peak, expected):
     """On a constructed gain that peaks at ``peak``, lowering the upper timestep by 100
-    from 1000 stops at the peak (or at search_min_t)."""
+    from 1000 stops at the grid point nearest the peak from above (or at t_min)."""
+    from antipers.defenses.simac import greedy_upper_bound
+
+    asked = []
+
+    def gain(t_hi):
+        asked.append(t_hi)
+        return -((t_hi - peak) ** 2)
+
+    assert greedy_upper_bound(gain, 1000, 100, 100) == expected
+    assert asked == list(range(1000, max(expected - 100, 100) - 1, -100))
+
+
+def test_simac_search_uses_the_rule_on_the_surrogate(tiny_bundle):
     from antipers.defenses.simac import SimAC
     from antipers.defenses.surrogate_pgd import RunState
 
     class KnownGain(SimAC):
-        def gain(self, bundle, x, clean, t_hi, generator):
-            return -((t_hi - peak) ** 2)
+        def gain_fn(self, bundle, x, clean, generator):
+            return lambda t_hi: -((t_hi - 400) ** 2)
 
     state = RunState()
-    search = KnownGain(search_delta=100, search_min_t=100)
     x = torch.zeros(1, 3, 16, 16)
-    search.before_pgd(tiny_bundle, x, x, torch.Generator(), 0, state)
-    assert state.t_range == (0, expected) and state.extra["t_max"] == [expected]
+    KnownGain(search_delta=100, search_min_t=100).before_pgd(
+        tiny_bundle, x, x, torch.Generator(), 0, state
+    )
+    assert state.t_range == (0, 400) and state.extra["t_max"] == [400]
+
+
+def test_simac_candidates_share_their_random_numbers(person, tiny_bundle):
+    """Common random numbers: a candidate's gain is a function of its interval alone
+    within one search, and the whole search repeats for a seed."""
+    simac = DEFENSES.build("simac", {"search_draws": 2})
+    x = uniform_noise_like(person.set_B, 8.0, torch.Generator().manual_seed(3))
+
+    def search(seed):
+        gain = simac.gain_fn(tiny_bundle, x, person.set_B, torch.Generator().manual_seed(seed))
+        return [gain(t) for t in (1000, 600, 200, 600)]
+
+    first = search(0)
+    assert first[1] == first[3]  # the same candidate, asked twice: the same numbers
+    assert search(0) == first
+    assert search(1) != first
 
 
 def test_simac_search_narrows_to_the_interval_it_reports(person, tiny_bundle):

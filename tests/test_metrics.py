@@ -87,9 +87,10 @@ def test_missing_inputs_or_weights_make_unavailable_rows_not_failures(faces):
 
 
 def test_experiment_records_every_metric_family():
+    aspl = {"name": "aspl", "iterations": 1, "pgd_steps": 2, "eps": 4.0, "prior_weight": 0}
     spec = ExperimentSpec.from_dict(
         tiny_spec_dict(
-            defense={"name": "aspl", "iterations": 1, "pgd_steps": 2, "eps": 4.0},
+            defense=aspl,
             metrics=["fdfr", "linf", "psnr", "brisque", "linkability"],
         )
     )

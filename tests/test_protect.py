@@ -12,6 +12,7 @@ from antipers.spec import ExperimentSpec
 from tests.conftest import tiny_spec_dict
 
 FAST = ["--param", "iterations=1", "--param", "pgd_steps=2", "--param", "surrogate_steps=1"]
+FAST += ["--param", "num_class_images=2", "--param", "class_steps=2"]
 
 
 @pytest.fixture
@@ -118,7 +119,9 @@ def test_protect_bad_inputs(photos, tmp_path, capsys, monkeypatch):
 
 def test_defense_runs_inside_an_experiment():
     spec = ExperimentSpec.from_dict(
-        tiny_spec_dict(defense={"name": "cap-aspl", "iterations": 1, "pgd_steps": 2})
+        tiny_spec_dict(
+            defense={"name": "cap-aspl", "iterations": 1, "pgd_steps": 2, "num_class_images": 2}
+        )
     )
     rows = run_experiment(spec, RunContext(device=torch.device("cpu")), raise_errors=True)
     assert {r["defense"] for r in rows} == {"cap-aspl"}

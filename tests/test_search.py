@@ -21,7 +21,7 @@ name: {name}
 base:
   base_model: tiny
   resolution: 64
-  defense: {{name: aspl, iterations: 1, pgd_steps: 2}}
+  defense: {{name: aspl, iterations: 1, pgd_steps: 2, num_class_images: 2, class_steps: 2}}
   attack: {{name: lora, steps: 2, prior_weight: 0}}
   sampling: {{name: cfg, steps: 2, images_per_prompt: 1}}
   metrics: [fdfr, psnr]

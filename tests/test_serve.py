@@ -38,7 +38,8 @@ def photos():
 
     bundle = TinyModel(seed=0).load(torch.device("cpu"))
     person = DATASETS.build("synthetic", {"n_identities": 1}).load("synth-0000", 64)
-    aspl = DEFENSES.build("aspl", {"eps": 16, "iterations": 6, "pgd_steps": 6})
+    settings = {"eps": 16, "iterations": 6, "pgd_steps": 6, "num_class_images": 4, "class_steps": 4}
+    aspl = DEFENSES.build("aspl", settings)
     protected = aspl.protect(person, bundle, torch.Generator().manual_seed(0)).images
     return {"clean": as_png(person.set_B), "protected": as_png(protected)}
 

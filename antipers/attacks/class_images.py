@@ -73,6 +73,15 @@ class ClassImageSettings:
     class_seed: int = 0
     class_steps: int = 50
 
+    def check_prior(self, prior_weight: float) -> None:
+        """The checks of a component that trains with prior preservation at ``prior_weight``."""
+        if prior_weight < 0:
+            raise ValueError(f"prior_weight: expected >= 0, got {prior_weight}")
+        if prior_weight > 0 and self.num_class_images < 1:
+            raise ValueError("num_class_images: prior preservation needs at least 1 class image")
+        if self.class_steps < 1:
+            raise ValueError(f"class_steps: expected >= 1, got {self.class_steps}")
+
     def generic_images(self, bundle: DiffusionBundle, resolution: int) -> torch.Tensor:
         key = key_for(
             bundle,

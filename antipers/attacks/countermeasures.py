@@ -116,6 +116,26 @@ class Flip:
 
 
 @dataclass(frozen=True)
+class Noise:
+    """Gaussian noise of standard deviation ``sigma`` in pixel units over 255 (12.75:
+    0.05 of the range), clipped to the image range: the simplest robust-mimicry
+    countermeasure (Hönig et al., ICLR 2025, "Gaussian noising"). ``sigma=0`` is the
+    identity."""
+
+    sigma: float = 12.75
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.sigma <= 255:
+            raise ValueError(f"sigma: expected 0..255 (pixel units), got {self.sigma}")
+
+    def apply(self, images: torch.Tensor, env: AttackEnv) -> torch.Tensor:
+        if self.sigma == 0:
+            return images
+        noise = torch.randn(images.shape, generator=env.generator, dtype=torch.float32)
+        return (images + noise.to(images.device) * (self.sigma / 255.0)).clamp(0, 1)
+
+
+@dataclass(frozen=True)
 class Purify:
     """DiffPure-style purification with the base model: noise each photo to timestep
     ``t`` and denoise it back with ``steps`` DDIM steps (unconditional). ``t=0`` is

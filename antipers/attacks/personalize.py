@@ -40,12 +40,7 @@ class Personalization(ClassImageSettings):
             raise ValueError(
                 f"warmup_steps: expected 0..steps ({self.steps}), got {self.warmup_steps}"
             )
-        if self.prior_weight < 0:
-            raise ValueError(f"prior_weight: expected >= 0, got {self.prior_weight}")
-        if self.prior_weight > 0 and self.num_class_images < 1:
-            raise ValueError("num_class_images: prior preservation needs at least 1 class image")
-        if self.class_steps < 1:
-            raise ValueError(f"class_steps: expected >= 1, got {self.class_steps}")
+        self.check_prior(self.prior_weight)
 
     # -- what a subclass decides -------------------------------------------------------
     def trainable(

@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from antipers.models.bundle import DiffusionBundle
+from antipers.models.bundle import DiffusionBundle, Posterior
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,14 @@ class TrainConfig:
 
 @dataclass
 class TrainData:
+    """``class_posterior``: the class images already encoded, for a caller that trains
+    many short runs on one set of class images (a surrogate's 3-step phases)."""
+
     images: torch.Tensor
     prompt: str
     class_images: torch.Tensor | None = None
     class_prompt: str = ""
+    class_posterior: Posterior | None = None
 
 
 def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -123,11 +127,16 @@ def finetune(
         raise ValueError("cannot personalize on an empty image set")
     if not params:
         raise ValueError("no trainable parameters")
-    use_prior = config.prior_weight > 0 and data.class_images is not None
+    has_class = data.class_images is not None or data.class_posterior is not None
+    use_prior = config.prior_weight > 0 and has_class
     images = data.images.to(bundle.device)
     with torch.no_grad():
         posterior = bundle.posterior(images)
-        class_posterior = bundle.posterior(data.class_images) if use_prior else None
+        class_posterior = None
+        if use_prior:
+            class_posterior = data.class_posterior
+            if class_posterior is None:
+                class_posterior = bundle.posterior(data.class_images)
     optimizer = adamw(params, config.lr, config.weight_decay)
     schedule = get_scheduler(
         config.lr_schedule,

@@ -33,7 +33,7 @@ class ASPL(SurrogatePGD):
         clean = identity.set_B.to(bundle.device)
         x = clean.clone()
         state = RunState()
-        with self.build_surrogate(bundle, generator) as surrogate:
+        with self.build_surrogate(bundle, generator, clean.shape[-1]) as surrogate:
             for it in range(self.iterations):
                 before = surrogate.snapshot()
                 surrogate.train(reference, self.surrogate_steps, generator)  # f_sur: clean

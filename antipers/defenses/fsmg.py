@@ -15,10 +15,13 @@ from antipers.models.bundle import DiffusionBundle
 
 @dataclass(frozen=True)
 class FSMG(SurrogatePGD):
-    """Fully-trained surrogate model guidance: DreamBooth on set_A, then 100 PGD steps."""
+    """Fully-trained surrogate model guidance: DreamBooth on set_A, then 100 PGD steps.
+    The reference trains that DreamBooth with ``train_dreambooth.py`` at batch 2 (two
+    photos and two class images per step)."""
 
     pgd_steps: int = 100
     finetune_steps: int = 1000
+    surrogate_batch: int = 2
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -30,7 +33,7 @@ class FSMG(SurrogatePGD):
     ) -> Protected:
         clean = identity.set_B.to(bundle.device)
         state = RunState()
-        with self.build_surrogate(bundle, generator) as surrogate:
+        with self.build_surrogate(bundle, generator, clean.shape[-1]) as surrogate:
             surrogate.train(identity.set_A.to(bundle.device), self.finetune_steps, generator)
             log.info("FSMG surrogate trained (%d steps); PGD", self.finetune_steps)
             x = self.attack_step(

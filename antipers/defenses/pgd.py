@@ -10,7 +10,7 @@ purification) pass the gradient straight through.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,12 +90,26 @@ def uniform_noise_like(clean: torch.Tensor, eps: float, generator: torch.Generat
     return project_png(clean + noise.to(clean.device), clean, eps)
 
 
-def eot_transforms(names: Sequence[str], env: Any) -> list[Callable[[torch.Tensor], torch.Tensor]]:
-    """Countermeasures by name (default parameters) as functions of the images."""
+def eot_entry(entry: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """An EOT entry, ``"blur"`` or ``{name: jpeg, quality: 50}``, as (name, parameters)."""
+    if isinstance(entry, str):
+        return entry, {}
+    params = dict(entry)
+    name = params.pop("name", None)
+    if not isinstance(name, str):
+        raise ValueError(f"eot: an entry with parameters needs a 'name', got {dict(entry)!r}")
+    return name, params
+
+
+def eot_transforms(
+    entries: Sequence[str | Mapping[str, Any]], env: Any
+) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    """Countermeasures (by name, or name and parameters) as functions of the images."""
     from antipers.registry import COUNTERMEASURES
 
     transforms = []
-    for name in names:
-        cm = COUNTERMEASURES.build(name)
+    for entry in entries:
+        name, params = eot_entry(entry)
+        cm = COUNTERMEASURES.build(name, params)
         transforms.append(lambda x, cm=cm: cm.apply(x, env))
     return transforms

@@ -5,13 +5,17 @@ The paper's observation: perturbations aimed at small timesteps (high-frequency
 detail) disrupt personalization most. Our search (constants ours): every
 ``search_every`` iterations, start from the full interval [0, T) and lower its upper
 bound by ``search_delta`` while the adversarial gain (loss on the perturbed photos
-minus loss on the clean ones, same noise and timesteps) keeps rising, down to
-``search_min_t``. PGD then samples timesteps in the chosen interval and also pushes the
-up-block features of the perturbed photos away from those of the clean ones.
+minus loss on the clean ones) keeps rising, down to ``search_min_t``. Every candidate
+of one search is scored on common random numbers: the same noise and the same
+uniform draws, mapped into each candidate's interval, so the comparison between
+candidates is not noise and the search is deterministic for a seed. PGD then samples
+timesteps in the chosen interval and also pushes the up-block features of the
+perturbed photos away from those of the clean ones.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +25,18 @@ from antipers.defenses.objectives import UpBlockFeatures
 from antipers.defenses.pgd import Objective
 from antipers.defenses.surrogate_pgd import RunState, log
 from antipers.models.bundle import DiffusionBundle
+
+
+def greedy_upper_bound(gain: Callable[[int], float], t_max: int, delta: int, t_min: int) -> int:
+    """Lower the upper bound from ``t_max`` by ``delta`` while ``gain`` strictly rises,
+    never below ``t_min``: the first local maximum of the gain on that grid."""
+    t_hi, best = t_max, gain(t_max)
+    while t_hi - delta >= t_min:
+        candidate = gain(t_hi - delta)
+        if candidate <= best:
+            break
+        t_hi, best = t_hi - delta, candidate
+    return t_hi
 
 
 @dataclass(frozen=True)
@@ -48,25 +64,31 @@ class SimAC(ASPL):
             raise ValueError(f"feature_blocks {self.feature_blocks}: this UNet has {n} up blocks")
         return tuple(sorted({b % n for b in self.feature_blocks}))
 
-    def gain(
+    def gain_fn(
         self,
         bundle: DiffusionBundle,
         x: torch.Tensor,
         clean: torch.Tensor,
-        t_hi: int,
         generator: torch.Generator,
-    ) -> float:
-        """Mean adversarial gain for timesteps in [0, t_hi), on equal noise."""
+    ) -> Callable[[int], float]:
+        """Mean adversarial gain for timesteps in [0, t_hi), as a function of ``t_hi``,
+        on numbers drawn once: noise, and uniforms that each interval scales."""
         with torch.no_grad():
             embeds = bundle.prompt_embeds([self.instance_prompt]).expand(len(x), -1, -1)
             lx, lc = bundle.encode(x), bundle.encode(clean)
+        noises = [bundle.noise_like(lx, generator) for _ in range(self.search_draws)]
+        uniforms = torch.rand(self.search_draws, len(x), generator=generator)
+
+        def gain(t_hi: int) -> float:
             total = 0.0
-            for _ in range(self.search_draws):
-                noise = bundle.noise_like(lx, generator)
-                t = bundle.sample_timesteps(len(x), generator, (0, t_hi))
-                total += float(bundle.denoising_loss(lx, embeds, noise, t))
-                total -= float(bundle.denoising_loss(lc, embeds, noise, t))
-        return total / self.search_draws
+            with torch.no_grad():
+                for noise, u in zip(noises, uniforms, strict=True):
+                    t = (u * t_hi).long().clamp(max=t_hi - 1).to(bundle.device)
+                    total += float(bundle.denoising_loss(lx, embeds, noise, t))
+                    total -= float(bundle.denoising_loss(lc, embeds, noise, t))
+            return total / self.search_draws
+
+        return gain
 
     def before_pgd(
         self,
@@ -79,13 +101,12 @@ class SimAC(ASPL):
     ) -> None:
         if iteration % self.search_every:
             return
-        t_hi = int(bundle.scheduler.config.num_train_timesteps)
-        best = self.gain(bundle, x, clean, t_hi, generator)
-        while t_hi - self.search_delta >= self.search_min_t:
-            candidate = self.gain(bundle, x, clean, t_hi - self.search_delta, generator)
-            if candidate <= best:
-                break
-            t_hi, best = t_hi - self.search_delta, candidate
+        t_hi = greedy_upper_bound(
+            self.gain_fn(bundle, x, clean, generator),
+            int(bundle.scheduler.config.num_train_timesteps),
+            self.search_delta,
+            self.search_min_t,
+        )
         state.t_range = (0, t_hi)
         state.extra.setdefault("t_max", []).append(t_hi)
         log.info("SimAC iteration %d: timestep interval [0, %d)", iteration, t_hi)

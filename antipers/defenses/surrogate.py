@@ -7,10 +7,16 @@ back when the defense is done (also on error). Snapshots live on the CPU when th
 model is on a GPU, so GPU memory stays close to one model plus the optimizer state.
 A LoRA surrogate trains adapters on a copy of the UNet instead (its snapshots are
 tiny).
+
+Its steps train as Anti-DreamBooth's ``train_one_epoch`` does, by default: one instance
+photo and one class image per step, prior loss weight 1 (``ClassPrior``). The class
+images are encoded once, when the surrogate is built, not at every 3-step phase.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal
@@ -21,7 +27,7 @@ from antipers.attacks.dreambooth import DreamBooth
 from antipers.attacks.lora import LoRADreamBooth
 from antipers.attacks.personalize import Personalization
 from antipers.attacks.training import TrainData, finetune
-from antipers.models.bundle import DiffusionBundle
+from antipers.models.bundle import DiffusionBundle, Posterior
 
 SurrogateKind = Literal["dreambooth", "lora"]
 PARTS = ("unet", "text_encoder")
@@ -36,13 +42,37 @@ def trainable_parameters(bundle: DiffusionBundle) -> dict[str, torch.nn.Paramete
     }
 
 
+def frozen_copy(bundle: DiffusionBundle, text_encoder: bool) -> DiffusionBundle:
+    """The base model as it is now, for an in-place surrogate's EOT purification: copies
+    of the parts that will train (the UNet; the text encoder if it trains), frozen."""
+    parts = {"unet": copy.deepcopy(bundle.unet).requires_grad_(False)}
+    if text_encoder:
+        parts["text_encoder"] = copy.deepcopy(bundle.text_encoder).requires_grad_(False)
+    return dataclasses.replace(bundle, **parts)
+
+
+@dataclass(frozen=True)
+class ClassPrior:
+    """Prior preservation for the surrogate's steps: the base model's class images
+    (encoded), their prompt, and the prior loss's weight."""
+
+    posterior: Posterior
+    prompt: str
+    weight: float = 1.0
+
+
 @dataclass
 class Surrogate:
+    """``batch_size``: instance photos per step (``None``: the whole set as one batch)."""
+
     bundle: DiffusionBundle
     attack: Personalization
     trainable: dict[str, torch.nn.Parameter]
     prompt: str
     offload: bool = True
+    prior: ClassPrior | None = None
+    batch_size: int | None = 1
+    frozen_base: DiffusionBundle | None = None  # the untrained model, where EOT needs it
     _original: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     @classmethod
@@ -55,6 +85,8 @@ class Surrogate:
         prompt: str,
         generator: torch.Generator,
         offload: bool = True,
+        prior: ClassPrior | None = None,
+        batch_size: int | None = 1,
     ) -> Surrogate:
         common = {
             "steps": 1,
@@ -66,7 +98,8 @@ class Surrogate:
         if kind == "lora":
             attack: Personalization = LoRADreamBooth(**common)
             bundle, _ = attack.trainable(base, generator)
-            return cls(bundle, attack, trainable_parameters(bundle), prompt, offload)
+            params = trainable_parameters(bundle)
+            return cls(bundle, attack, params, prompt, offload, prior, batch_size)
         attack = DreamBooth(**common)
         parts = PARTS[: 2 if train_text_encoder else 1]
         params = {
@@ -74,7 +107,7 @@ class Surrogate:
             for part in parts
             for name, p in getattr(base, part).named_parameters()
         }
-        surrogate = cls(base, attack, params, prompt, offload)
+        surrogate = cls(base, attack, params, prompt, offload, prior, batch_size)
         surrogate._original = surrogate.snapshot()  # before anything changes on the base
         for part in parts:
             getattr(base, part).requires_grad_(True)
@@ -114,10 +147,17 @@ class Surrogate:
         if steps <= 0:
             return []
         config = self.attack.train_config()
-        config = type(config)(**{**config.__dict__, "steps": steps, "batch_size": len(images)})
+        batch = len(images) if self.batch_size is None else min(self.batch_size, len(images))
+        prior_weight = self.prior.weight if self.prior is not None else 0.0
+        config = dataclasses.replace(
+            config, steps=steps, batch_size=batch, prior_weight=prior_weight
+        )
+        data = TrainData(images.detach(), self.prompt)
+        if self.prior is not None:
+            data.class_posterior, data.class_prompt = self.prior.posterior, self.prior.prompt
         return finetune(
             self.bundle,
-            TrainData(images.detach(), self.prompt),
+            data,
             list(self.trainable.values()),
             config,
             generator,

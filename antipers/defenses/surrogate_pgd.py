@@ -1,5 +1,12 @@
 """What every surrogate-based PGD defense shares: settings, validation, the
-objective hook, and one PGD call per attack step."""
+objective hook, and one PGD call per attack step.
+
+By default the surrogate trains as Anti-DreamBooth's reference does: one instance photo
+and one of the base model's class images per step, prior loss weight 1
+(``prior_weight: 0, surrogate_batch: 4`` is the earlier whole-set behaviour). EOT
+entries take parameters (``eot: [{name: jpeg, quality: 50}, blur]``); an EOT
+``purify`` denoises with the frozen base model, not the surrogate being trained.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +16,12 @@ from typing import Any, ClassVar
 
 import torch
 
+from antipers.attacks.class_images import ClassImageSettings
 from antipers.attacks.countermeasures import AttackEnv
 from antipers.data.identity import IdentitySet
 from antipers.defenses.objectives import denoising_objective
-from antipers.defenses.pgd import Objective, PGDConfig, eot_transforms, pgd
-from antipers.defenses.surrogate import Surrogate, SurrogateKind
+from antipers.defenses.pgd import Objective, PGDConfig, eot_entry, eot_transforms, pgd
+from antipers.defenses.surrogate import ClassPrior, Surrogate, SurrogateKind, frozen_copy
 from antipers.models.bundle import DiffusionBundle
 
 log = logging.getLogger("antipers.defenses")
@@ -33,18 +41,20 @@ class RunState:
 
 
 @dataclass(frozen=True)
-class SurrogatePGD:
+class SurrogatePGD(ClassImageSettings):
     TRACKS: ClassVar[tuple[str, ...]] = ("image",)
 
     eps: float = ADB_EPS
     step_size: float = ADB_STEP
     pgd_steps: int = 6
     random_start: bool = False
-    eot: tuple[str, ...] = ()
+    eot: tuple[str | dict[str, Any], ...] = ()
     instance_prompt: str = "a photo of sks person"
     surrogate: SurrogateKind = "dreambooth"
     surrogate_lr: float = 5e-7
     train_text_encoder: bool = True
+    prior_weight: float = 1.0  # on the class images (reference: with_prior_preservation)
+    surrogate_batch: int = 1  # instance photos per surrogate step (reference: 1)
     offload_snapshots: bool = True
 
     def __post_init__(self) -> None:
@@ -59,14 +69,30 @@ class SurrogatePGD:
             raise ValueError(f"pgd_steps: expected >= 1, got {self.pgd_steps}")
         if self.surrogate_lr <= 0:
             raise ValueError(f"surrogate_lr: expected > 0, got {self.surrogate_lr}")
-        unknown = [n for n in self.eot if n not in COUNTERMEASURES]
-        if unknown:
-            raise ValueError(
-                f"eot: unknown countermeasure(s) {unknown}; known: {COUNTERMEASURES.names()}"
-            )
+        self.check_prior(self.prior_weight)
+        if self.surrogate_batch < 1:
+            raise ValueError(f"surrogate_batch: expected >= 1, got {self.surrogate_batch}")
+        for i, entry in enumerate(self.eot):
+            name, params = eot_entry(entry)
+            if name not in COUNTERMEASURES:
+                raise ValueError(
+                    f"eot[{i}]: unknown countermeasure {name!r}; known: {COUNTERMEASURES.names()}"
+                )
+            try:
+                COUNTERMEASURES.build(name, params)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"eot[{i}] ({name}): {exc}") from None
 
-    def build_surrogate(self, bundle: DiffusionBundle, generator: torch.Generator) -> Surrogate:
-        return Surrogate.build(
+    def build_surrogate(
+        self, bundle: DiffusionBundle, generator: torch.Generator, resolution: int
+    ) -> Surrogate:
+        prior = None
+        if self.prior_weight > 0:  # the base model's class images, before it trains
+            images = self.generic_images(bundle, resolution)
+            with torch.no_grad():
+                prior = ClassPrior(bundle.posterior(images), self.class_prompt, self.prior_weight)
+        purifies = any(eot_entry(e)[0] == "purify" for e in self.eot)
+        surrogate = Surrogate.build(
             bundle,
             self.surrogate,
             self.surrogate_lr,
@@ -74,7 +100,12 @@ class SurrogatePGD:
             self.instance_prompt,
             generator,
             offload=self.offload_snapshots and bundle.device.type == "cuda",
+            prior=prior,
+            batch_size=self.surrogate_batch,
         )
+        if purifies and surrogate.bundle is bundle:  # trained in place: keep a frozen base
+            surrogate.frozen_base = frozen_copy(bundle, self.train_text_encoder)
+        return surrogate
 
     # -- hooks a variant overrides ------------------------------------------------------
     def objective(
@@ -110,7 +141,7 @@ class SurrogatePGD:
         state: RunState,
     ) -> torch.Tensor:
         self.before_pgd(surrogate.bundle, x, clean, generator, iteration, state)
-        env = AttackEnv(base, identity, generator)
+        env = AttackEnv(surrogate.frozen_base or base, identity, generator)
         config = PGDConfig(
             self.eps, self.step_size, self.pgd_steps, self.random_start and iteration == 0
         )

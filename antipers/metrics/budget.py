@@ -109,6 +109,20 @@ def _lpips_net(lin_weights: str) -> torch.nn.Module:
     ).eval()
 
 
+def lpips_net(lin: str) -> torch.nn.Module:
+    """The LPIPS network from local files (the linear layers at ``lin``; torchvision's
+    AlexNet in the torch hub cache), or ``MetricUnavailable`` naming what is missing."""
+    if not lin or not Path(lin).expanduser().is_file():
+        raise MetricUnavailable(
+            f"lpips: linear-layer weights {lin or '(not set)'} not found; set the metric's "
+            "weights or $ANTIPERS_LPIPS_WEIGHTS"
+        )
+    backbone = Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
+    if not backbone.is_file():
+        raise MetricUnavailable(f"lpips: AlexNet checkpoint not found at {backbone}")
+    return _lpips_net(str(Path(lin).expanduser()))
+
+
 @dataclass(frozen=True)
 class LPIPS(_BudgetMetric):
     """LPIPS (v0.1, AlexNet) of each protected photo against its original, through
@@ -123,16 +137,7 @@ class LPIPS(_BudgetMetric):
     backend_name: ClassVar[str] = "pyiqa-lpips-alex"
 
     def compare(self, protected: torch.Tensor, clean: torch.Tensor) -> np.ndarray:
-        lin = self.weights or os.environ.get("ANTIPERS_LPIPS_WEIGHTS", "")
-        if not lin or not Path(lin).expanduser().is_file():
-            raise MetricUnavailable(
-                f"lpips: linear-layer weights {lin or '(not set)'} not found; set the metric's "
-                "weights or $ANTIPERS_LPIPS_WEIGHTS"
-            )
-        backbone = Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
-        if not backbone.is_file():
-            raise MetricUnavailable(f"lpips: AlexNet checkpoint not found at {backbone}")
-        net = _lpips_net(str(Path(lin).expanduser()))
+        net = lpips_net(self.weights or os.environ.get("ANTIPERS_LPIPS_WEIGHTS", ""))
         with torch.no_grad():
             values = net(protected.cpu(), clean.cpu(), normalize=True)
         return values.flatten().double().numpy()

@@ -1,0 +1,28 @@
+"""Named attacker suites: ``countermeasures: robust`` in a campaign means these chains.
+
+``robust`` is the robust-mimicry literature's set (Hönig et al., ICLR 2025: Gaussian
+noise, IMPRESS, DiffPure-style purification; JPEG as every paper has it). A board's
+worst case covers whatever ran; the report names the suite when a board's chains are
+exactly one of these.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+SUITES: dict[str, list[Any]] = {
+    "robust": [
+        "none",
+        [{"name": "jpeg", "quality": 75}],
+        [{"name": "noise", "sigma": 12.75}],
+        [{"name": "impress"}],
+        [{"name": "purify", "t": 100, "steps": 10}],
+    ],
+}
+
+
+def expand(value: Any) -> Any:
+    """A suite's name as its list of chains; anything else as it is."""
+    if isinstance(value, str) and value in SUITES:
+        return [*SUITES[value]]
+    return value
