@@ -1,10 +1,12 @@
 """``antipers protect``: protect a folder of one person's photos before publishing them.
 
-Every photo is centre-cropped and resized to the working resolution, protected as one
-set (the clean photos serve as the surrogate's references too), and written as an
-8-bit PNG whose every pixel is within the budget of the resized original. A
-``protect.json`` beside them records the defense spec and the measured L-inf, PSNR and
-SSIM per photo.
+Each photo keeps its own size. The set is protected at the working resolution (each
+photo resized to the working square, so every part of it is protected; a non-square
+photo is squashed for the defense), the perturbation is resized back to the photo's
+size (bilinear: a weighted mean of values within the budget stays within it), added to
+the original, and the budget is enforced again on the 8-bit output at full size. A
+``protect.json`` beside them records the defense spec, both sizes and the measured
+L-inf, PSNR and SSIM of each photo at full size.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from antipers import __version__
 from antipers.data.folders import list_photos
 from antipers.data.identity import DatasetError, IdentitySet
 from antipers.errors import UserError
-from antipers.images import read_images, write_png
+from antipers.images import read_image, write_png
 from antipers.metrics.budget import linf_255, psnr, ssim
 from antipers.registry import BASE_MODELS, DEFENSES
 from antipers.spec import ComponentSpec
@@ -83,11 +86,32 @@ def plan(
     return ProtectPlan(photos, outputs, defense_spec, model_spec)
 
 
+def to_working(original: torch.Tensor, resolution: int) -> torch.Tensor:
+    """The whole photo at the working square (antialiased bicubic, aspect not kept)."""
+    return F.interpolate(
+        original, size=(resolution, resolution), mode="bicubic", antialias=True
+    ).clamp(0, 1)
+
+
+def at_full_size(
+    original: torch.Tensor, working: torch.Tensor, protected: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """The working-size perturbation on the full-size original, on the 8-bit grid within
+    ``eps`` of it."""
+    from antipers.defenses.pgd import project_png
+
+    delta = F.interpolate(
+        protected - working, size=original.shape[-2:], mode="bilinear", align_corners=False
+    )
+    return project_png(original + delta, original, eps)
+
+
 def protect_folder(
     p: ProtectPlan, out_dir: Path, resolution: int, seed: int, device: torch.device
 ) -> dict[str, Any]:
     """Run the plan; returns the report that was written."""
-    clean = read_images(p.photos, resolution)
+    originals = [read_image(path) for path in p.photos]
+    clean = torch.cat([to_working(o, resolution) for o in originals])
     person = IdentitySet(
         dataset="folder",
         identity=p.photos[0].parent.name,
@@ -98,11 +122,15 @@ def protect_folder(
     )
     bundle = p.base_model.build(BASE_MODELS).load(device)
     log.info("protecting %d photos with %s on %s", len(p.photos), p.defense.name, bundle.name)
-    protected = p.defense.build(DEFENSES).protect(
-        person, bundle, torch.Generator().manual_seed(seed)
-    )
-    images = protected.images.cpu()
-    write_png(images, p.outputs)
+    defense = p.defense.build(DEFENSES)
+    protected = defense.protect(person, bundle, torch.Generator().manual_seed(seed)).images.cpu()
+    eps = float(getattr(defense, "eps", 255.0))
+    outputs = [
+        at_full_size(o, clean[i : i + 1], protected[i : i + 1], eps)
+        for i, o in enumerate(originals)
+    ]
+    for image, path in zip(outputs, p.outputs, strict=True):
+        write_png(image, [path])
     report = {
         "defense": p.defense.to_dict(),
         "base_model": p.base_model.to_dict(),
@@ -111,18 +139,24 @@ def protect_folder(
         "antipers_version": __version__,
         "created_at": datetime.now(UTC).isoformat(),
         "photos": [
-            {"source": str(src), "output": str(out), "linf_255": li, "psnr_db": ps, "ssim": ss}
-            for src, out, li, ps, ss in zip(
-                p.photos,
-                p.outputs,
-                linf_255(images, clean).tolist(),
-                psnr(images, clean).tolist(),
-                ssim(images, clean).tolist(),
-                strict=True,
-            )
+            photo_record(*row) for row in zip(p.photos, p.outputs, originals, outputs, strict=True)
         ],
     }
     tmp = out_dir / f".{REPORT}.tmp"
     tmp.write_text(json.dumps(report, indent=2, allow_nan=True))
     tmp.replace(out_dir / REPORT)
     return report
+
+
+def photo_record(
+    source: Path, output: Path, original: torch.Tensor, image: torch.Tensor
+) -> dict[str, Any]:
+    height, width = original.shape[-2:]
+    return {
+        "source": str(source),
+        "output": str(output),
+        "size": [int(width), int(height)],
+        "linf_255": float(linf_255(image, original)[0]),
+        "psnr_db": float(psnr(image, original)[0]),
+        "ssim": float(ssim(image, original)[0]),
+    }

@@ -60,6 +60,33 @@ def test_protect_end_to_end(photos, tmp_path, capsys):
     assert "L-inf" in capsys.readouterr().out
 
 
+def test_protect_keeps_each_photos_size_within_budget(tmp_path):
+    """A 80x48 and a 64x64 photo protected at 32 px come back at their own sizes, every
+    pixel within 8/255 of the original, the perturbation spread over the whole photo."""
+    from PIL import Image
+
+    from antipers.images import read_image, resize
+
+    folder = tmp_path / "me"
+    folder.mkdir()
+    face = SyntheticDataset(n_identities=1, photos_per_set=2).load("synth-0000", 64).set_B
+    wide = torch.nn.functional.interpolate(face[:1], size=(48, 80), mode="bilinear")
+    for name, image in (("wide", wide), ("square", resize(face[1:], 64))):
+        arr = (image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(arr).save(folder / f"{name}.png")
+    out = tmp_path / "out"
+    assert run(folder, out) == 0
+    report = json.loads((out / "protect.json").read_text())
+    assert {p["size"] == list(Image.open(p["output"]).size) for p in report["photos"]} == {True}
+    assert sorted(p["size"] for p in report["photos"]) == [[64, 64], [80, 48]]
+    for name in ("wide", "square"):
+        original, protected = read_image(folder / f"{name}.png"), read_image(out / f"{name}.png")
+        diff = ((protected - original).abs() * 255).round()
+        assert diff.max() <= 8
+        assert (diff.amax(dim=(0, 1)) > 0).float().mean() > 0.5  # not only a corner changed
+    assert report["resolution"] == 32
+
+
 def test_protect_refuses_to_overwrite_or_write_into_input(photos, tmp_path, capsys):
     out = tmp_path / "out"
     assert run(photos, out) == 0
