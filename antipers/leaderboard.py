@@ -170,8 +170,28 @@ class Board:
         return " · ".join(parts)
 
     @property
+    def countermeasures(self) -> list[str]:
+        """The chains the worst case is taken over (``none`` first)."""
+        chains = set(self.by_countermeasure.get("countermeasure", pd.Series(dtype=str)))
+        return sorted(chains, key=lambda c: (c != "none", c))
+
+    @property
+    def suite(self) -> str | None:
+        """The attacker suite whose chains (by name) are exactly this board's, if any."""
+        return suite_named(set(self.countermeasures))
+
+    @property
     def slug(self) -> str:
         return hashlib.sha1(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def suite_named(chains: set[str]) -> str | None:
+    from antipers.attacks.suites import SUITES, chain_name
+
+    for name, entries in SUITES.items():
+        if chains and chains == {chain_name(e) for e in entries}:
+            return name
+    return None
 
 
 def config_labels(experiments: pd.DataFrame, kind: str = "defense") -> dict[tuple[str, str], str]:

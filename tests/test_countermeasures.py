@@ -140,6 +140,10 @@ def test_the_robust_suite_expands_in_a_campaign(tmp_path):
     chains = {s.countermeasure_name for s in load_campaign(path).specs}
     assert chains == {"none", "jpeg", "noise", "impress", "purify"}
     assert len(SUITES["robust"]) == 5
+    from antipers.leaderboard import suite_named
+
+    assert suite_named(chains) == "robust"
+    assert suite_named(chains - {"impress"}) is None and suite_named(set()) is None
     path.write_text(text + "countermeasures: sturdy\n")
     with pytest.raises(CampaignError, match="unknown attacker suite 'sturdy'; suites: robust"):
         load_campaign(path)

@@ -61,6 +61,7 @@ def test_report_files_and_tables_match_the_boards(written):
     html = (written.out / "index.html").read_text()
     for board in written.boards:
         assert board.title in markdown and board.slug in html
+        assert f"worst case over {', '.join(board.countermeasures)}" in html
     assert "boom" in markdown and "boom" in html
     assert 'src="http' not in html and 'href="http' not in html  # self-contained
 

@@ -26,3 +26,11 @@ def expand(value: Any) -> Any:
     if isinstance(value, str) and value in SUITES:
         return [*SUITES[value]]
     return value
+
+
+def chain_name(entry: Any) -> str:
+    """A chain's name as rows record it: ``none``, ``jpeg``, ``jpeg+flip``."""
+    if isinstance(entry, str):
+        return entry
+    names = [e if isinstance(e, str) else e["name"] for e in entry]
+    return "+".join(n for n in names if n != "none") or "none"
