@@ -1,7 +1,10 @@
 """Named attacker suites: ``countermeasures: robust`` in a campaign means these chains.
 
 ``robust`` is the robust-mimicry literature's set (Hönig et al., ICLR 2025: Gaussian
-noise, IMPRESS, DiffPure-style purification; JPEG as every paper has it). A board's
+noise, IMPRESS, DiffPure-style purification; JPEG as every paper has it). Its
+purification runs at DiffPure's ImageNet strength (Nie et al., ICML 2022: t* = 0.15,
+so t = 150 of SD's 1000 steps, here with 15 DDIM steps); ``purify``'s own default,
+t = 100, is DiffPure's CIFAR-10 strength. A board's
 worst case covers whatever ran; the report names the suite when a board's chains are
 exactly one of these.
 """
@@ -16,7 +19,7 @@ SUITES: dict[str, list[Any]] = {
         [{"name": "jpeg", "quality": 75}],
         [{"name": "noise", "sigma": 12.75}],
         [{"name": "impress"}],
-        [{"name": "purify", "t": 100, "steps": 10}],
+        [{"name": "purify", "t": 150, "steps": 15}],
     ],
 }
 
