@@ -30,3 +30,10 @@ def is_user_error(exc: BaseException) -> bool:
 class MissingExtra(UserError, ModuleNotFoundError):
     """An optional package that this feature needs is not installed; the message
     says which ``pip install`` adds it."""
+
+
+class ComponentUnavailable(UserError):
+    """A component cannot run here for want of something the user configures (an
+    upscaler folder, weights): its experiment is stored with status ``unavailable`` and
+    this message, as an unavailable metric is, and not retried (the spec that would run
+    it names the missing thing, so configuring it makes a new experiment)."""

@@ -276,7 +276,10 @@ def build_boards(rows: pd.DataFrame, config: BoardsConfig) -> tuple[list[Board],
     for column in (*BOARD_FIELDS, "defense", "defense_params", "countermeasure", "backend"):
         rows[column] = rows[column].fillna("").astype(str)
     agg = rows[rows["image_index"] == AGGREGATE_INDEX]
-    failed = agg[(agg["status"] == ERROR) & (agg["metric"] == "")]
+    # experiments that did not run: failed, or a component unavailable here (its reason)
+    failed = agg[agg["status"].isin([ERROR, UNAVAILABLE]) & (agg["metric"] == "")].copy()
+    skipped = failed["status"] == UNAVAILABLE
+    failed.loc[skipped, "error"] = "unavailable: " + failed.loc[skipped, "error"].astype(str)
     failed = failed.drop_duplicates("spec_id")[["spec_id", *BOARD_FIELDS, "defense", "error"]]
     measured = agg[(agg["metric"] != "") & ~agg["metric"].str.contains(":", regex=False)]
     if measured.empty:
@@ -427,6 +430,7 @@ def _count(board: Board, rows: pd.DataFrame, failed: pd.DataFrame) -> None:
     )
     if len(failed):
         board.flags.append(
-            f"{len(failed)} experiment(s) under this attack and protocol failed before any "
-            "metric (so with no backend recorded); see below"
+            f"{len(failed)} experiment(s) under this attack and protocol failed or could "
+            "not run (a component unavailable) before any metric, so with no backend "
+            "recorded; see below"
         )

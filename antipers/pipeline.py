@@ -27,8 +27,9 @@ import torch
 from antipers import __version__
 from antipers.attacks.countermeasures import AttackEnv
 from antipers.device import pick_device
+from antipers.errors import ComponentUnavailable
 from antipers.images import check_images
-from antipers.metrics.base import MetricResult, ScoreInputs, evaluate
+from antipers.metrics.base import UNAVAILABLE, MetricResult, ScoreInputs, evaluate
 from antipers.metrics.latent import SubjectLikeness
 from antipers.models.bundle import DiffusionBundle
 from antipers.registry import (
@@ -411,9 +412,15 @@ def experiment_rows(spec: ExperimentSpec, handoff: Handoff) -> list[dict[str, An
 
 
 def error_rows(
-    spec: ExperimentSpec, started: datetime, message: str, duration: float, worker: str
+    spec: ExperimentSpec,
+    started: datetime,
+    message: str,
+    duration: float,
+    worker: str,
+    status: str = ERROR,
 ) -> list[dict[str, Any]]:
-    """The one row of a failed experiment: it is stored, and retried by the next run."""
+    """The one row of an experiment that did not finish: failed (``error``: stored, and
+    retried by the next run) or ``unavailable`` (a component cannot run here)."""
     return [
         {
             **_base_row(spec, started),
@@ -423,12 +430,22 @@ def error_rows(
             "unit": "",
             "backend": "",
             "image_index": AGGREGATE_INDEX,
-            "status": ERROR,
+            "status": status,
             "error": message,
             "duration_s": duration,
             "worker": worker,
         }
     ]
+
+
+def failure_rows(
+    spec: ExperimentSpec, started: datetime, exc: BaseException, duration: float, worker: str
+) -> list[dict[str, Any]]:
+    """``error_rows`` for an exception: an unavailable component's reason, or the error
+    with its traceback."""
+    if isinstance(exc, ComponentUnavailable):
+        return error_rows(spec, started, str(exc), duration, worker, UNAVAILABLE)
+    return error_rows(spec, started, describe_error(exc), duration, worker)
 
 
 def describe_error(exc: BaseException) -> str:
@@ -456,7 +473,7 @@ def run_experiment(
         if raise_errors:
             raise
         log.warning("experiment %s failed: %s", spec.spec_id, exc)
-        return error_rows(spec, started, describe_error(exc), time.perf_counter() - t0, ctx.name)
+        return failure_rows(spec, started, exc, time.perf_counter() - t0, ctx.name)
     return experiment_rows(spec, handoff)
 
 

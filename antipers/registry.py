@@ -296,6 +296,7 @@ for _name, _target in [
     ("purify", "antipers.attacks.countermeasures:Purify"),
     ("noise", "antipers.attacks.countermeasures:Noise"),
     ("impress", "antipers.attacks.impress:Impress"),
+    ("upscale", "antipers.attacks.upscale:Upscale"),
     ("mix", "antipers.attacks.countermeasures:Mix"),
 ]:
     COUNTERMEASURES.register(_name, _target)

@@ -42,9 +42,8 @@ from antipers.pipeline import (
     Handoff,
     RunContext,
     attack_stage,
-    describe_error,
-    error_rows,
     experiment_rows,
+    failure_rows,
     protect_stage,
     score_stage,
 )
@@ -159,7 +158,7 @@ def run(specs, store: ResultStore, ctx: RunContext) -> None:
             protected = protect_stage(first, ctx, lambda stage: None)
         except Exception as exc:
             for spec in group:
-                store.write(error_rows(spec, now(), describe_error(exc), 0.0, ctx.name))
+                store.write(failure_rows(spec, now(), exc, 0.0, ctx.name))
             continue
         for spec in group:
             count += 1
@@ -171,7 +170,7 @@ def run(specs, store: ResultStore, ctx: RunContext) -> None:
                 handoff = score_stage(spec, ctx, handoff, lambda stage: None)
                 rows = experiment_rows(spec, handoff)
             except Exception as exc:
-                rows = error_rows(spec, handoff.started, describe_error(exc), 0.0, ctx.name)
+                rows = failure_rows(spec, handoff.started, exc, 0.0, ctx.name)
             store.write(rows)
             print(
                 f"  [{count}/{total}] {person(spec)} {spec.defense.name} {spec.attack.name} "

@@ -193,3 +193,99 @@ def test_every_scheduler_samples(tiny_bundle, scheduler):
     out = sampler.sample(tiny_bundle, 32, torch.Generator().manual_seed(0))
     check_images(out)
     assert torch.isfinite(out).all()
+
+
+# ---- Noisy Upscaling -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def upscaler(tmp_path_factory):
+    """A diffusers folder in the SD x4 upscaler layout, random-init (seed 0), tiny."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DDPMScheduler,
+        StableDiffusionUpscalePipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from antipers.models.tokenizer import clip_tokenizer
+
+    torch.manual_seed(0)
+    blocks = {"norm_num_groups": 8, "layers_per_block": 1}
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=7,  # latents + the low-resolution image, as the x4 upscaler
+        out_channels=4,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        num_class_embeds=351,  # the noise level is a class label
+        **blocks,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        scaling_factor=0.08333,
+        **blocks,
+    )
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=49408,
+        )
+    )
+    pipe = StableDiffusionUpscalePipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        low_res_scheduler=DDPMScheduler(),
+        scheduler=DDIMScheduler(),
+    )
+    folder = tmp_path_factory.mktemp("upscaler") / "x4"
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def test_upscale_keeps_the_contract_and_repeats_by_seed(upscaler, person, tiny_bundle):
+    from antipers.attacks.upscale import Upscale
+
+    def run(seed, **settings):
+        env = AttackEnv(tiny_bundle, person, torch.Generator().manual_seed(seed))
+        return Upscale(path=str(upscaler), steps=2, **settings).apply(person.set_B[:2], env)
+
+    out = run(0)
+    check_images(out)
+    assert out.shape == person.set_B[:2].shape
+    assert torch.equal(out, run(0)) and not torch.equal(out, run(1))
+    assert not torch.equal(run(0, sigma=0.0), out)  # the noise is part of it
+
+
+def test_upscale_without_a_folder_is_unavailable(upscaler, tmp_path):
+    from antipers.attacks.upscale import Upscale
+    from antipers.errors import ComponentUnavailable
+    from antipers.results import ResultStore
+
+    env = AttackEnv(None, None, torch.Generator())
+    with pytest.raises(ComponentUnavailable, match="no upscaler configured"):
+        Upscale().apply(torch.zeros(1, 3, 8, 8), env)
+    (tmp_path / "half").mkdir()
+    with pytest.raises(ComponentUnavailable, match="missing model_index.json, unet"):
+        Upscale(path=str(tmp_path / "half")).apply(torch.zeros(1, 3, 8, 8), env)
+    with pytest.raises(ValueError, match="noise_level"):
+        Upscale(noise_level=400)
+    spec = ExperimentSpec.from_dict(tiny_spec_dict(countermeasure=["upscale"]))
+    (row,) = run_experiment(spec, RunContext(device=torch.device("cpu")))
+    assert row["status"] == "unavailable" and "no upscaler configured" in row["error"]
+    store = ResultStore(str(tmp_path / "store"))
+    store.write([row])
+    assert spec.spec_id in store.finished_ids()  # not retried: configuring path is a new spec

@@ -25,7 +25,8 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from antipers.cluster.runtime import ClusterError
 from antipers.cluster.workers import ROLES, Pool, WorkerPlan, start_workers
-from antipers.pipeline import Handoff, error_rows, experiment_rows
+from antipers.errors import ComponentUnavailable
+from antipers.pipeline import Handoff, error_rows, experiment_rows, failure_rows
 from antipers.results import ResultStore
 from antipers.spec import ExperimentSpec
 
@@ -178,10 +179,12 @@ def run_campaign(
                     report.resubmitted += 1
                     submit(job.spec, job.attempt + 1)
                     continue
-                message = _message(exc)
-                rows = error_rows(
-                    job.spec, job.submitted, message, time.perf_counter() - job.t0, "driver"
-                )
+                duration = time.perf_counter() - job.t0
+                cause = exc.cause if isinstance(exc, RayTaskError) else exc
+                if isinstance(cause, ComponentUnavailable):
+                    rows = failure_rows(job.spec, job.submitted, cause, duration, "driver")
+                else:
+                    rows = error_rows(job.spec, job.submitted, _message(exc), duration, "driver")
             store.write(rows)
             if rows[0]["status"] == "error" and not rows[0]["metric"]:
                 report.failed += 1
