@@ -307,6 +307,7 @@ for _name, _target in [
     ("fdfr", "antipers.metrics.identity:FDFR"),
     ("ism", "antipers.metrics.identity:ISM"),
     ("linkability", "antipers.metrics.identity:Linkability"),
+    ("embedder-ism", "antipers.metrics.embedder:EmbedderISM"),
     ("brisque", "antipers.metrics.quality:Brisque"),
     ("piqe", "antipers.metrics.quality:PIQE"),
     ("clipiqa", "antipers.metrics.quality:CLIPIQA"),

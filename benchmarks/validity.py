@@ -77,6 +77,7 @@ IMMUNIZATION_METRICS = (
     "ism",
     "linkability",
     "decoupled_ism",
+    "embedder-ism",  # the same embedder for every row, none included
     "brisque",
     "subject_latent_distance",
 )

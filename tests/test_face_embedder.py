@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from antipers.data import synthetic
-from antipers.defenses.iddm import SHIPPED, resolve_embedder
 from antipers.errors import UserError
+from antipers.models.embedders import SHIPPED, resolve_embedder
 from antipers.models.iresnet import IResNet, load_iresnet, random_iresnet
 from antipers.models.train_embedder import EmbedderTrainConfig, identification, train_embedder
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from antipers.attacks.lora import LoRADreamBooth
-from antipers.defenses.decouple import identity_similarity, person_embedding
-from antipers.defenses.iddm import IDDM, _embedder
+from antipers.defenses.iddm import IDDM
+from antipers.models.embedders import embedder_model, identity_similarity, person_embedding
 from antipers.registry import DATASETS, SpecError
 from antipers.spec import ExperimentSpec
 from tests.conftest import tiny_spec_dict
@@ -75,7 +75,7 @@ def test_two_stage_schedule_does_what_its_parameters_say(tiny_bundle, person, mo
     assert not any(any(clean(batch)) for batch in trained_on[4:])
     assert torch.equal(photos, person.set_B)  # the caller's photos are not changed
     assert 0 < trace.linf <= iddm.eps + 1e-3
-    embedder = _embedder("random", "r18")
+    embedder = embedder_model("random", "r18")
     before = float(identity_similarity(embedder, photos, person_embedding(embedder, photos)).mean())
     assert len(trace.similarity) == 3 and max(trace.similarity) < before
     assert trained.unet is not tiny_bundle.unet
@@ -183,7 +183,7 @@ def test_later_rounds_start_from_the_last_but_stay_within_the_budget(tiny_bundle
     out = decouple(
         photos,
         tiny_bundle,
-        _embedder("random", "r18"),
+        embedder_model("random", "r18"),
         "a photo of sks person",
         0.5,
         PGDConfig(eps=8.0, step_size=2.0, steps=1),
@@ -225,14 +225,14 @@ def test_a_failing_own_measure_fails_alone(tiny_bundle):
 
 
 def test_the_embedder_is_resolved_where_it_optimizes(monkeypatch, tmp_path):
-    from antipers.defenses.iddm import describe_embedder, resolve_embedder
+    from antipers.models.embedders import describe_embedder, resolve_embedder
     from antipers.models.iresnet import WEIGHTS_ENV
 
     monkeypatch.delenv(WEIGHTS_ENV, raising=False)
     with pytest.raises(FileNotFoundError, match=WEIGHTS_ENV):
         resolve_embedder("")
     weights = tmp_path / "backbone.pth"
-    torch.save(_embedder("random", "r18").state_dict(), weights)
+    torch.save(embedder_model("random", "r18").state_dict(), weights)
     monkeypatch.setenv(WEIGHTS_ENV, str(weights))
     assert resolve_embedder("") == str(weights.resolve())
     assert resolve_embedder("random:3") == "random:3"

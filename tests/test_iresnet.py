@@ -53,8 +53,9 @@ def test_missing_configuration_names_the_variable(monkeypatch):
 def test_identity_decoupling_trades_similarity_for_reconstruction(tiny_bundle, embedder):
     """IDDM's data step: similarity to the person drops, the reconstruction loss stays
     within a bound, and the knob moves the trade-off in order."""
-    from antipers.defenses.decouple import decouple, identity_similarity, person_embedding
+    from antipers.defenses.decouple import decouple
     from antipers.defenses.pgd import PGDConfig
+    from antipers.models.embedders import identity_similarity, person_embedding
     from antipers.registry import DATASETS
     from tests.conftest import eval_loss
 

@@ -209,3 +209,21 @@ def test_refuse_downloads_stops_a_fetch_before_the_network():
     with pytest.raises(MetricUnavailable, match="never downloads"), refuse_downloads("test"):
         torch.hub.download_url_to_file("https://example.invalid/w.pth", "/tmp/w.pth")
     assert torch.hub.download_url_to_file is original  # hooks are put back
+
+
+def test_embedder_ism_tells_the_person_from_another_with_the_shipped_embedder():
+    """The shipped mini-faces embedder (trained on other generator people) puts a
+    person's photos close to their own references and far from another person's."""
+    from antipers.metrics.base import ScoreInputs
+    from antipers.registry import METRICS
+
+    data = SyntheticDataset(n_identities=2, seed=5)
+    me, other = data.load("synth-0000", 64), data.load("synth-0001", 64)
+    metric = METRICS.build("embedder-ism")
+    own = metric.score(ScoreInputs(generated=me.set_B, references=me.set_A))
+    stranger = metric.score(ScoreInputs(generated=other.set_B, references=me.set_A))
+    assert own.aggregate > 0.5 > stranger.aggregate
+    assert own.backend.startswith("iresnet-mini:backbone.pth@") and own.unit == "cosine"
+    missing = METRICS.build("embedder-ism", {"embedder": "/no/such/backbone.pth"})
+    result = evaluate(missing, ScoreInputs(generated=me.set_B, references=me.set_A))
+    assert result.status == "unavailable" and "/no/such/backbone.pth" in result.reason

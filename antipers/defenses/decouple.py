@@ -8,22 +8,10 @@ is the knob between the two terms.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from antipers.defenses.pgd import PGDConfig, pgd
 from antipers.models.bundle import DiffusionBundle
-
-
-def identity_similarity(
-    embedder: torch.nn.Module, images: torch.Tensor, person: torch.Tensor
-) -> torch.Tensor:
-    """Cosine similarity of each image's embedding to the person's unit embedding."""
-    return embedder(images) @ person
-
-
-def person_embedding(embedder: torch.nn.Module, photos: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return F.normalize(embedder(photos).mean(dim=0), dim=0)
+from antipers.models.embedders import identity_similarity, person_embedding
 
 
 def decouple(

@@ -18,11 +18,7 @@ its own parameter, independent of the evaluation's face backend; rows record bot
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
 import logging
-import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,69 +30,22 @@ import torch
 from antipers.attacks.personalize import Personalization
 from antipers.data.identity import IdentitySet
 from antipers.defenses.base import Protected
-from antipers.defenses.decouple import decouple, identity_similarity, person_embedding
+from antipers.defenses.decouple import decouple
 from antipers.defenses.pgd import PGDConfig
 from antipers.metrics.base import MetricResult
 from antipers.models.bundle import DiffusionBundle
-from antipers.models.iresnet import LAYERS, WEIGHTS_ENV, IResNet, load_iresnet, random_iresnet
+from antipers.models.embedders import (
+    SHIPPED,
+    describe_embedder,
+    embedder_model,
+    identity_similarity,
+    person_embedding,
+    random_seed,
+    resolve_embedder,
+)
+from antipers.models.iresnet import LAYERS
 
 log = logging.getLogger(__name__)
-RANDOM = re.compile(r"random(?::(\d+))?")  # seeded weights, for tests and smoke runs
-# embedders antipers trains and ships, by name: (weights file, iresnet depth)
-SHIPPED = {
-    "mini-faces": (
-        Path(__file__).resolve().parents[1] / "models/weights/mini-faces-embedder/backbone.pth",
-        "mini",
-    ),
-}
-
-
-def _random_seed(embedder: str) -> int | None:
-    match = RANDOM.fullmatch(embedder)
-    return None if match is None else int(match.group(1) or 0)
-
-
-def resolve_embedder(embedder: str) -> str:
-    """``random[:SEED]`` as is; else the weights file, ``""`` read from
-    ``$ANTIPERS_ARCFACE_TORCH`` once, where the optimization runs, so that the
-    scoring worker measures with the very weights optimized against."""
-    if _random_seed(embedder) is not None:
-        return embedder
-    if embedder in SHIPPED:
-        path = SHIPPED[embedder][0]
-        if not path.is_file():
-            raise FileNotFoundError(f"iddm: the shipped {embedder} embedder is missing: {path}")
-        return str(path)
-    raw = embedder or os.environ.get(WEIGHTS_ENV, "")
-    if not raw:
-        raise FileNotFoundError(
-            f"iddm: no ArcFace PyTorch weights: set embedder to a backbone.pth path, or "
-            f"${WEIGHTS_ENV}, or embedder: random for seeded random weights (smoke runs)"
-        )
-    return str(Path(raw).expanduser().resolve())
-
-
-@functools.lru_cache(maxsize=2)
-def _embedder(resolved: str, depth: str) -> IResNet:
-    """Resident for the worker's life, like the evaluation's face backends."""
-    seed = _random_seed(resolved)
-    if seed is not None:
-        return random_iresnet(depth, seed).requires_grad_(False)
-    return load_iresnet(resolved, depth).requires_grad_(False)
-
-
-@functools.lru_cache(maxsize=8)
-def describe_embedder(resolved: str, depth: str) -> str:
-    """A row's ``backend`` for the embedder IDDM optimized against: the weights' file
-    name and content hash (not the machine's path)."""
-    seed = _random_seed(resolved)
-    if seed is not None:
-        return f"iresnet-{depth}:random-seed{seed}"
-    digest = hashlib.sha256()
-    with open(resolved, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return f"iresnet-{depth}:{Path(resolved).name}@{digest.hexdigest()[:12]}"
 
 
 @dataclass
@@ -124,7 +73,7 @@ class DecouplingCheck:
     higher_is_better: bool = False
 
     def score(self, bundle: DiffusionBundle, images: torch.Tensor) -> MetricResult:
-        model = _embedder(self.embedder, self.depth).to(bundle.device)
+        model = embedder_model(self.embedder, self.depth).to(bundle.device)
         with torch.no_grad():
             person = person_embedding(model, self.references.to(bundle.device))
             values = identity_similarity(model, images.to(bundle.device), person)
@@ -194,14 +143,14 @@ class IDDM:
             raise ValueError(
                 f"embedder_depth: expected one of {', '.join(LAYERS)}, got {self.embedder_depth!r}"
             )
-        if self.embedder.startswith("random") and _random_seed(self.embedder) is None:
+        if self.embedder.startswith("random") and random_seed(self.embedder) is None:
             raise ValueError(f"embedder: expected random or random:SEED, got {self.embedder!r}")
         if self.embedder in SHIPPED and self.embedder_depth != SHIPPED[self.embedder][1]:
             raise ValueError(
                 f"embedder {self.embedder} is an iresnet {SHIPPED[self.embedder][1]}: "
                 f"set embedder_depth: {SHIPPED[self.embedder][1]}"
             )
-        weights = self.embedder and _random_seed(self.embedder) is None
+        weights = self.embedder and random_seed(self.embedder) is None
         weights = weights and self.embedder not in SHIPPED
         if weights and not Path(self.embedder).expanduser().is_file():
             raise ValueError(f"embedder: ArcFace weights {self.embedder} do not exist")
@@ -262,7 +211,7 @@ class IDDM:
         embedder: str | None = None,
     ) -> tuple[DiffusionBundle, IDDMLog]:
         first, rounds_after = self.schedule(attack.steps)
-        model = _embedder(embedder or resolve_embedder(self.embedder), self.embedder_depth)
+        model = embedder_model(embedder or resolve_embedder(self.embedder), self.embedder_depth)
         model = model.to(bundle.device)
         originals = images.to(bundle.device).detach()
         person = person_embedding(model, originals)
