@@ -29,14 +29,11 @@ PREFIX = "synth-"
 # the low 32 bits of a seed (``manual_seed(2**61 + k)`` draws what ``manual_seed(k)``
 # draws), so no range of torch seeds lies outside every dataset's identities: a stream
 # that must be disjoint from them draws from numpy's PCG64 under a SeedSequence of its
-# own tag (``stream_faces``), another generator altogether. The embedder's people do.
-# ``mini-faces``' shipped pool predates this: its seeds ``TRAINING_SEED_BASE + k``
-# are, in effect, seed ``k``, so pool face ``k`` is the un-nudged base face of identity
-# ``k`` of the seed-0 dataset (``k`` < the pool's 24,576); datasets with seeds 1 and up
-# do not meet it. Retraining on a stream of its own is tracked on issue 18.
+# own tag (``stream_latents``), another generator altogether. ``mini-faces``' training
+# pool and the embedder's people each have one.
 IDENTITY_STRIDE = 1_000_003
 MAX_DATASET_SEED = 2**31
-TRAINING_SEED_BASE = 2**62
+TRAINING_STREAM = 0x6D696E69_706F6F6C  # mini-faces' training pool
 EMBEDDER_STREAM = 0x6D696E69_656D62  # the mini face embedder's people
 
 
@@ -154,16 +151,11 @@ def generate(latents: torch.Tensor, resolution: int) -> torch.Tensor:
     return quantize(resize(((faces + 1.0) / 2.0).clamp(0, 1), resolution))
 
 
-def training_seeds(start: int, count: int) -> range:
-    """Seeds of the faces ``mini-faces`` trains on: one person each, none an identity."""
-    return range(TRAINING_SEED_BASE + start, TRAINING_SEED_BASE + start + count)
-
-
 def training_latents(start: int, count: int) -> torch.Tensor:
-    """The latents of ``training_faces``: one torch seed each, from ``training_seeds``."""
-    return torch.cat([torch_latents(seed, 0)[0] for seed in training_seeds(start, count)])
+    """The latents of ``training_faces``: person ``k`` of ``TRAINING_STREAM``, un-nudged."""
+    return torch.cat([stream_latents(TRAINING_STREAM, k, 0)[0] for k in range(start, start + count)])
 
 
 def training_faces(start: int, count: int, resolution: int = 64) -> torch.Tensor:
-    """``count`` different people, face ``k`` from its own seed ``training_seeds(k)``."""
+    """``count`` different people that ``mini-faces`` trains on, none a dataset identity."""
     return generate(training_latents(start, count), resolution)

@@ -1,9 +1,9 @@
 """Training ``mini-faces``: ``antipers models train-mini --out DIR`` reproduces the weights.
 
-Stages, each resumable: a pool of generator faces (``training_seeds``: they meet the
-seed-0 ``synthetic`` dataset's base faces, see ``synthetic``'s header), the VAE on
-those faces, the pool's latents, the UNet on them with the protocol's class prompts
-and prompt dropout, then the export (a diffusers folder with a manifest, a model card
+Stages, each resumable: a pool of generator faces (``training_faces``: a numpy
+stream of its own, so no person of any ``synthetic`` dataset), the VAE on those faces,
+the pool's latents, the UNet on them with the protocol's class prompts and prompt
+dropout, then the export (a diffusers folder with a manifest, a model card
 and its loss curves). Every step's randomness comes from a generator seeded by (seed,
 stage, step), so a run resumed from a checkpoint continues exactly as an uninterrupted
 one would.
@@ -51,7 +51,7 @@ class MiniTrainConfig:
     vae_batch: int = 32
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6  # on the KL summed over a latent, against the per-pixel L1
-    unet_steps: int = 3200
+    unet_steps: int = 4800
     unet_batch: int = 32
     unet_lr: float = 4e-4
     warmup_steps: int = 100
@@ -481,9 +481,10 @@ should; it is no substitute for numbers on Stable Diffusion.
   {cfg["prompt_dropout"]} (classifier-free guidance).
 - Text encoder: {record["text_encoder"]}, with the real CLIP tokenizer.
 - Data: {cfg["pool"]} faces of the DCGAN generator that `gan-face-generate` ships, one
-  person each, from torch seeds 2**62 + k, which torch reduces to k: face k is the base
-  face of identity k of the `synthetic` dataset with seed 0; datasets with seed 1 and up
-  never meet the pool (`antipers/data/synthetic.py`).
+  person each: the un-nudged latent of person k of numpy's PCG64 under the
+  SeedSequence `[TRAINING_STREAM, k]`, a generator no `synthetic` identity draws
+  from (those are torch-seeded), so every evaluation identity is a person the model
+  never saw (`antipers/data/synthetic.py`).
 - Trained on {record["machine"]} in {hours:.2f} h
   ({", ".join(f"{k} {v:.0f} s" for k, v in record["timings_s"].items())}), training code at
   commit `{record["commit"]}`. Reproduce: `antipers models train-mini --out DIR`.
