@@ -398,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-run", action="store_true", help="only the tables of what is stored")
     parser.add_argument(
+        "--floor-only", action="store_true", help="run only the floor (base model) rows"
+    )
+    parser.add_argument(
         "--calibrate", action="store_true", help="only the ISM calibration of the face backend"
     )
     args = parser.parse_args(argv)
@@ -422,8 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     floor_store = ResultStore(str(Path(args.store) / "floor"))
     if not args.no_run:
         ctx = RunContext(device=pick_device(args.device))
-        print(f"{len(specs)} experiments on {len(people)} people", file=sys.stderr)
-        run(specs, store, ctx)
+        if not args.floor_only:
+            print(f"{len(specs)} experiments on {len(people)} people", file=sys.stderr)
+            run(specs, store, ctx)
         floor(specs, floor_store, ctx)
     wanted = {s.spec_id for s in specs}
     rows = by_subject(store.load())

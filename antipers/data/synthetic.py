@@ -153,7 +153,9 @@ def generate(latents: torch.Tensor, resolution: int) -> torch.Tensor:
 
 def training_latents(start: int, count: int) -> torch.Tensor:
     """The latents of ``training_faces``: person ``k`` of ``TRAINING_STREAM``, un-nudged."""
-    return torch.cat([stream_latents(TRAINING_STREAM, k, 0)[0] for k in range(start, start + count)])
+    return torch.cat(
+        [stream_latents(TRAINING_STREAM, k, 0)[0] for k in range(start, start + count)]
+    )
 
 
 def training_faces(start: int, count: int, resolution: int = 64) -> torch.Tensor:
