@@ -69,6 +69,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         context,
         force=args.force,
         progress=lambda stage: print(f"  [{spec.spec_id}] {stage}", file=sys.stderr),
+        images=args.images == "thumbnails",
     )
     if not ran:
         print(
@@ -265,6 +266,7 @@ def _run_options(args: argparse.Namespace) -> Any:
         gpus=_per_role(args.gpus, "--gpus"),
         device=args.device,
         progress=not args.no_progress,
+        images=args.images == "thumbnails",
     )
 
 
@@ -395,6 +397,13 @@ def _cluster_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", help="worker device: auto (default), cpu, cuda")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--images",
+        choices=("thumbnails", "none"),
+        default="thumbnails",
+        help="store each experiment's sample images (2 clean, 2 protected, 4 generated "
+        "PNGs of at most 128 px) beside its rows (default: thumbnails)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -428,6 +437,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--force", action="store_true", help="run even if the store has this spec_id")
+    p.add_argument(
+        "--images",
+        choices=("thumbnails", "none"),
+        default="thumbnails",
+        help="store the experiment's sample images beside its rows (default: thumbnails)",
+    )
     p.set_defaults(func=cmd_experiment)
 
     data = sub.add_parser("data", help="dataset folders: check, synthesize")

@@ -148,6 +148,8 @@ class Board:
     counts: dict[str, int] = field(default_factory=dict)
     problems: pd.DataFrame = field(default_factory=pd.DataFrame)  # metric, status, n, reason
     failed: pd.DataFrame = field(default_factory=pd.DataFrame)  # its failed experiments
+    # spec_id, config, countermeasure, identity, seed of every experiment with values
+    experiments: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def reliable(self) -> bool:
@@ -377,6 +379,9 @@ def _board(
     backends = rows.groupby("metric")["backend"].first().to_dict()  # one per board
     _check_baseline(board, table, backends)
     _count(board, rows, failed)
+    board.experiments = ok.drop_duplicates("spec_id")[
+        ["spec_id", "config", "countermeasure", "identity", "seed"]
+    ].reset_index(drop=True)
     return board
 
 

@@ -42,6 +42,7 @@ from antipers.registry import (
     SAMPLERS,
 )
 from antipers.results import AGGREGATE_INDEX, ERROR, SCHEMA_VERSION, ResultStore
+from antipers.samples import thumbnails
 from antipers.spec import ComponentSpec, ExperimentSpec, canonical_json
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,8 @@ class Handoff:
     generic: tuple[torch.Tensor, list[str], torch.Tensor] | None = None
     seconds: float = 0.0
     workers: list[str] = field(default_factory=list)
+    # a few thumbnails (kind -> PNG bytes, ``antipers.samples``), stored beside the rows
+    samples: dict[str, list[bytes]] = field(default_factory=dict)
 
     def portable(self) -> Handoff:
         """Tensors and models moved to the CPU, so that a worker on another device (or
@@ -236,6 +239,10 @@ def protect_stage(spec: ExperimentSpec, ctx: RunContext, say: ProgressFn) -> Han
         model=None if protected.bundle is bundle else protected.bundle,
         personalizer=protected.personalizer,
         checks=list(protected.checks),
+        samples={
+            "clean": thumbnails(identity.set_B, "clean"),
+            "protected": thumbnails(protected.images, "protected"),
+        },
     )
     handoff.seconds = time.perf_counter() - t0
     handoff.workers.append(f"protect@{ctx.name}")
@@ -271,6 +278,11 @@ def attack_stage(
         rng = stage_rng(spec.seed, "sample")
         handoff.generated = sampler.sample(personalized, spec.resolution, rng)
         handoff.prompts = sampler.image_prompts()
+        # a new dict: handoffs copied from one protection (validity.py) share the old one
+        handoff.samples = {
+            **handoff.samples,
+            "generated": thumbnails(handoff.generated, "generated"),
+        }
         if spec.track == "model":
             _model_track(spec, ctx, handoff, model, personalized, attack, sampler, say)
         handoff.model = handoff.personalizer = None
@@ -461,6 +473,16 @@ def run_experiment(
     """The result rows of ``spec``, every stage in this process. A failure becomes one
     row with ``status="error"`` and the message (unless ``raise_errors``), never a lost
     experiment."""
+    return run_with_samples(spec, context, progress, raise_errors)[0]
+
+
+def run_with_samples(
+    spec: ExperimentSpec,
+    context: RunContext | None = None,
+    progress: ProgressFn | None = None,
+    raise_errors: bool = False,
+) -> tuple[list[dict[str, Any]], dict[str, list[bytes]]]:
+    """``run_experiment``'s rows and the experiment's thumbnails (none when it failed)."""
     ctx = context or RunContext()
     started = datetime.now(UTC)
     t0 = time.perf_counter()
@@ -473,8 +495,8 @@ def run_experiment(
         if raise_errors:
             raise
         log.warning("experiment %s failed: %s", spec.spec_id, exc)
-        return failure_rows(spec, started, exc, time.perf_counter() - t0, ctx.name)
-    return experiment_rows(spec, handoff)
+        return failure_rows(spec, started, exc, time.perf_counter() - t0, ctx.name), {}
+    return experiment_rows(spec, handoff), handoff.samples
 
 
 def metric_rows(
@@ -518,10 +540,12 @@ def run_and_store(
     context: RunContext | None = None,
     force: bool = False,
     progress: ProgressFn | None = None,
+    images: bool = True,
 ) -> tuple[list[dict[str, Any]], bool]:
-    """Run ``spec`` unless the store has it; returns (rows, ran)."""
+    """Run ``spec`` unless the store has it (with its thumbnails unless ``images`` is
+    False); returns (rows, ran)."""
     if not force and spec.spec_id in store.finished_ids():
         return store.load([spec.spec_id]).to_dict("records"), False
-    rows = run_experiment(spec, context, progress)
-    store.write(rows)
+    rows, samples = run_with_samples(spec, context, progress)
+    store.write(rows, images=samples if images else None)
     return rows, True

@@ -6,7 +6,8 @@ photo is squashed for the defense), the perturbation is resized back to the phot
 size (bilinear: a weighted mean of values within the budget stays within it), added to
 the original, and the budget is enforced again on the 8-bit output at full size. A
 ``protect.json`` beside them records the defense spec, both sizes and the measured
-L-inf, PSNR and SSIM of each photo at full size.
+L-inf, PSNR and SSIM of each photo at full size; ``preview.png`` shows each photo, its
+protected version and the difference amplified, side by side.
 """
 
 from __future__ import annotations
@@ -20,17 +21,21 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 
 from antipers import __version__
 from antipers.data.folders import list_photos
 from antipers.data.identity import DatasetError, IdentitySet
 from antipers.errors import UserError
-from antipers.images import read_image, write_png
+from antipers.images import read_image, to_uint8, write_png
 from antipers.metrics.budget import linf_255, psnr, ssim
 from antipers.registry import BASE_MODELS, DEFENSES
+from antipers.samples import AMPLIFY
 from antipers.spec import ComponentSpec
 
 REPORT = "protect.json"
+PREVIEW = "preview.png"
+PREVIEW_SIDE = 192  # each tile's height in the preview
 log = logging.getLogger(__name__)
 
 
@@ -65,7 +70,11 @@ def plan(
     outputs = [out_dir / f"{p.stem}.png" for p in photos]
     if len({o.name for o in outputs}) != len(outputs):
         raise ProtectError(f"{in_dir}: two photos share a name stem (e.g. a.jpg and a.png)")
-    existing = [o for o in [*outputs, out_dir / REPORT] if o.exists()]
+    if any(o.name == PREVIEW for o in outputs):
+        raise ProtectError(
+            f"{in_dir}: a photo named 'preview' would be overwritten by {PREVIEW}; rename it"
+        )
+    existing = [o for o in [*outputs, out_dir / REPORT, out_dir / PREVIEW] if o.exists()]
     if existing and not overwrite:
         raise ProtectError(f"{existing[0]} exists (and {len(existing) - 1} more); use --overwrite")
     tracks = getattr(DEFENSES.get(defense) if defense in DEFENSES else None, "TRACKS", ("image",))
@@ -142,10 +151,46 @@ def protect_folder(
             photo_record(*row) for row in zip(p.photos, p.outputs, originals, outputs, strict=True)
         ],
     }
+    tmp = out_dir / f".{PREVIEW}.tmp"
+    preview(originals, outputs, report["photos"]).save(tmp, format="PNG")
+    tmp.replace(out_dir / PREVIEW)
     tmp = out_dir / f".{REPORT}.tmp"
     tmp.write_text(json.dumps(report, indent=2, allow_nan=True))
     tmp.replace(out_dir / REPORT)
     return report
+
+
+def preview(
+    originals: list[torch.Tensor], outputs: list[torch.Tensor], records: list[dict[str, Any]]
+) -> Image.Image:
+    """One row per photo: original | protected | the difference x``AMPLIFY`` around
+    mid-gray (at full size, then scaled with the row), captioned with its L-inf and PSNR:
+    what a person checks before publishing."""
+    tiles, captions = [], []
+    for original, output, record in zip(originals, outputs, records, strict=True):
+        diff = (0.5 + AMPLIFY * (output - original)).clamp(0, 1)
+        row = [Image.fromarray(a) for a in to_uint8(torch.cat([original, output, diff]))]
+        width = max(1, round(row[0].width * PREVIEW_SIDE / row[0].height))
+        tiles.append([t.resize((width, PREVIEW_SIDE), Image.Resampling.LANCZOS) for t in row])
+        captions.append(
+            f"{Path(record['source']).name}: L-inf {record['linf_255']:.0f}/255, "
+            f"PSNR {record['psnr_db']:.1f} dB  (original | protected | difference x{AMPLIFY})"
+        )
+    font = ImageFont.load_default(size=13)
+    pad, text_h = 6, 20
+    width = max(sum(t.width for t in row) + pad * (len(row) + 1) for row in tiles)
+    width = max(width, 560)
+    canvas = Image.new("RGB", (width, len(tiles) * (PREVIEW_SIDE + text_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    y = pad
+    for row, caption in zip(tiles, captions, strict=True):
+        draw.text((pad, y), caption, fill=(26, 32, 44), font=font)
+        x = pad
+        for tile in row:
+            canvas.paste(tile, (x, y + text_h))
+            x += tile.width + pad
+        y += PREVIEW_SIDE + text_h + pad
+    return canvas
 
 
 def photo_record(

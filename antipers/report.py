@@ -1,8 +1,9 @@
-"""``antipers report``: a store's boards as ``index.html`` (one self-contained file:
-sortable tables, embedded plots), ``leaderboard.md``, and the tables as CSV and
-Parquet. Templates live in ``antipers/reports/`` (linked from ``reports/``); the
-numbers come from ``antipers/leaderboard.py``. Files are written to a temporary folder
-beside the output and moved into place, so a crash leaves the previous report whole.
+"""``antipers report``: a store's boards as ``index.html`` (sortable tables, embedded
+plots, galleries of the stored thumbnails under ``images/``), ``leaderboard.md``, and
+the tables as CSV and Parquet. Templates live in ``antipers/reports/`` (linked from
+``reports/``); the numbers come from ``antipers/leaderboard.py``. Files are written to a
+temporary folder beside the output and moved into place, so a crash leaves the previous
+report whole.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ import pandas as pd
 
 from antipers import __version__
 from antipers.boards import BoardsConfig, load_boards
+from antipers.gallery import Gallery, board_galleries
 from antipers.leaderboard import BOARD_FIELDS, Board, ReportError, build_boards
 from antipers.results import ResultStore
+from antipers.samples import AMPLIFY
 from antipers.search import pareto_front
 
 TEMPLATES = Path(__file__).parent / "reports"
@@ -217,9 +220,16 @@ def _environment(html: bool) -> Any:
     )
 
 
-def render(boards: list[Board], failed: pd.DataFrame, store: str) -> dict[str, str]:
+def render(
+    boards: list[Board],
+    failed: pd.DataFrame,
+    store: str,
+    galleries: dict[str, list[Gallery]] | None = None,
+) -> dict[str, str]:
+    galleries = galleries or {}
     context = {
         "store": store,
+        "amplify": AMPLIFY,
         "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "version": __version__,
         "boards": [
@@ -230,6 +240,7 @@ def render(boards: list[Board], failed: pd.DataFrame, store: str) -> dict[str, s
                 "spread_plot": spread_plot(b),
                 "problems": b.problems.to_dict("records"),
                 "failed": b.failed.to_dict("records"),
+                "galleries": galleries.get(b.slug, []),
             }
             for b in boards
         ],
@@ -248,7 +259,8 @@ def write_report(store_uri: str, out: str | Path, boards_file: str | Path | None
     config: BoardsConfig = load_boards(boards_file)
     if "://" not in store_uri and not Path(store_uri).expanduser().is_dir():
         raise ReportError(f"{store_uri}: no such store folder")
-    rows = ResultStore(store_uri).load()
+    store = ResultStore(store_uri)
+    rows = store.load()
     try:
         boards, failed = build_boards(rows, config)
     except ReportError as exc:
@@ -257,14 +269,19 @@ def write_report(store_uri: str, out: str | Path, boards_file: str | Path | None
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        for name, text in render(boards, failed, store_uri).items():
+        galleries = {b.slug: board_galleries(b, store, staging) for b in boards}
+        for name, text in render(boards, failed, store_uri, galleries).items():
             (staging / name).write_text(text, encoding="utf-8")
         for name, frame in tables(boards).items():
             frame.to_csv(staging / f"{name}.csv", index=False)
             frame.to_parquet(staging / f"{name}.parquet", index=False)
         out.mkdir(exist_ok=True)
         for path in staging.iterdir():
-            os.replace(path, out / path.name)
+            target = out / path.name
+            if path.is_dir() and target.is_dir():  # a folder is not replaced by a rename
+                old = staging / f".old-{path.name}"
+                os.replace(target, old)
+            os.replace(path, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return Report(out, boards, failed)

@@ -4,7 +4,10 @@ Long format: one row per experiment x metric x image (``image_index`` -1 holds t
 metric's aggregate). Adding a metric never changes the schema. A store is a folder
 (local path or any ``pyarrow.fs`` URI such as ``s3://bucket/prefix``) with one
 Parquet file per finished experiment, written under a temporary name and renamed,
-so a killed writer leaves nothing that loads.
+so a killed writer leaves nothing that loads. Beside it, ``<spec_id>.images.parquet``
+holds the experiment's sample thumbnails (PNG bytes, ``antipers.samples``), written the
+same way and before the rows, so a stored experiment has its images and a rerun
+replaces them rather than adding more.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from antipers.errors import UserError
+from antipers.names import check_name
 
 SCHEMA_VERSION = 3  # 2: `worker` (where the rows were computed); 3: `subject`
 AGGREGATE_INDEX = -1
@@ -63,6 +67,8 @@ SCHEMA = pa.schema(
     ]
 )
 REQUIRED_COLUMNS = tuple(SCHEMA.names)
+IMAGES_SUFFIX = ".images.parquet"
+IMAGES_SCHEMA = pa.schema([("kind", pa.string()), ("index", pa.int32()), ("png", pa.binary())])
 
 
 def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
@@ -99,8 +105,11 @@ class ResultStore:
         suffix = ".parquet" if status == OK else ".error.parquet"
         return f"{self.root}/{spec_id}{suffix}"
 
-    def write(self, rows: list[dict[str, Any]]) -> str:
-        """Atomically store one experiment's rows; returns the final path."""
+    def write(
+        self, rows: list[dict[str, Any]], images: Mapping[str, list[bytes]] | None = None
+    ) -> str:
+        """Atomically store one experiment's rows (and first its sample thumbnails, kind
+        -> PNG bytes); returns the rows' final path."""
         if not rows:
             raise ValueError("no rows to write")
         spec_ids = {r["spec_id"] for r in rows}
@@ -111,7 +120,25 @@ class ResultStore:
         # a metric that could not score is recorded but does not make the run retry
         status = ERROR if any(r["status"] == ERROR and not r["metric"] for r in rows) else OK
         table = rows_to_table(rows)
+        if images:
+            check_name(spec_id, "spec_id")
+            records = [
+                {"kind": kind, "index": i, "png": png}
+                for kind, pngs in images.items()
+                for i, png in enumerate(pngs)
+            ]
+            self._put(f"{self.root}/{spec_id}{IMAGES_SUFFIX}", spec_id, records, IMAGES_SCHEMA)
         final = self._path(spec_id, status)
+        self._put(final, spec_id, table)
+        if status == OK:
+            self._delete(self._path(spec_id, ERROR))
+        return final
+
+    def _put(
+        self, final: str, spec_id: str, data: pa.Table | list[dict], schema: pa.Schema = SCHEMA
+    ) -> None:
+        """Write under a temporary name, then rename: nothing half-written survives."""
+        table = data if isinstance(data, pa.Table) else pa.Table.from_pylist(data, schema=schema)
         tmp = f"{self.root}/.tmp-{spec_id}-{uuid.uuid4().hex}.part"
         try:
             with self.fs.open_output_stream(tmp) as sink:
@@ -120,9 +147,6 @@ class ResultStore:
         except BaseException:
             self._delete(tmp)
             raise
-        if status == OK:
-            self._delete(self._path(spec_id, ERROR))
-        return final
 
     def _delete(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError, OSError):
@@ -135,6 +159,7 @@ class ResultStore:
             for i in infos
             if i.type == pafs.FileType.File
             and i.base_name.endswith(".parquet")
+            and not i.base_name.endswith(IMAGES_SUFFIX)
             and not i.base_name.startswith(".")
         ]
 
@@ -169,6 +194,29 @@ class ResultStore:
         if not paths:
             return SCHEMA.empty_table().to_pandas()
         return pads.dataset(sorted(paths), schema=SCHEMA, filesystem=self.fs).to_table().to_pandas()
+
+    def image_ids(self) -> set[str]:
+        """spec_ids that have sample thumbnails."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        return {
+            i.base_name.removesuffix(IMAGES_SUFFIX)
+            for i in infos
+            if i.type == pafs.FileType.File and i.base_name.endswith(IMAGES_SUFFIX)
+        }
+
+    def read_images(self, spec_id: str) -> dict[str, list[bytes]]:
+        """An experiment's thumbnails, kind -> PNG bytes in order; empty when it has none."""
+        check_name(spec_id, "spec_id")
+        path = f"{self.root}/{spec_id}{IMAGES_SUFFIX}"
+        try:
+            with self.fs.open_input_file(path) as source:
+                table = pq.read_table(source, schema=IMAGES_SCHEMA)
+        except FileNotFoundError:
+            return {}
+        out: dict[str, list[bytes]] = {}
+        for record in sorted(table.to_pylist(), key=lambda r: (r["kind"], r["index"])):
+            out.setdefault(record["kind"], []).append(record["png"])
+        return out
 
     def sweep_temporary(self, older_than_s: float = 3600.0) -> int:
         """Remove temporary files that a killed writer left (old enough that no live

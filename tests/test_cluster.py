@@ -20,7 +20,7 @@ from antipers.cli import main  # noqa: E402
 from antipers.cluster.driver import run_campaign  # noqa: E402
 from antipers.cluster.runtime import ClusterError, check_placeable  # noqa: E402
 from antipers.cluster.workers import RoleResources, WorkerPlan  # noqa: E402
-from antipers.results import ResultStore  # noqa: E402
+from antipers.results import IMAGES_SUFFIX, ResultStore  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
 
 # a light plan: one lane fits twice in the test instance's 4 CPUs
@@ -51,7 +51,16 @@ def campaign_file(tmp_path: Path, seeds=(0, 1), countermeasures=("none",)) -> Pa
 
 
 def stored_files(store: Path) -> list[str]:
-    return sorted(p.name for p in store.iterdir() if not p.name.startswith("."))
+    """The result files (not the thumbnails, not a writer's temporary files)."""
+    return sorted(
+        p.name
+        for p in store.iterdir()
+        if not p.name.startswith(".") and not p.name.endswith(IMAGES_SUFFIX)
+    )
+
+
+def stored_images(store: Path) -> list[str]:
+    return sorted(p.name.removesuffix(IMAGES_SUFFIX) for p in store.glob(f"*{IMAGES_SUFFIX}"))
 
 
 def test_campaign_stores_each_experiment_once_and_a_failure_as_an_error_row(ray_address, tmp_path):
@@ -76,6 +85,14 @@ def test_campaign_stores_each_experiment_once_and_a_failure_as_an_error_row(ray_
     again = run_campaign(campaign.specs, store, PLAN, progress=False)
     assert (again.skipped, again.ok, again.failed) == (2, 0, 2)
     assert len(stored_files(tmp_path / "store")) == 4
+    # thumbnails beside each finished experiment (a failed one has none)
+    assert stored_images(tmp_path / "store") == sorted(store.finished_ids())
+    assert {len(v) for v in store.read_images(min(store.finished_ids())).values()} >= {2}
+    # `antipers run --images none`: rows alone
+    bare = ResultStore(str(tmp_path / "bare"))
+    first_ok = [s for s in campaign.specs if s.spec_id in store.finished_ids()][:1]
+    run_campaign(first_ok, bare, PLAN, progress=False, images=False)
+    assert bare.finished_ids() == {first_ok[0].spec_id} and bare.image_ids() == set()
 
 
 def test_a_killed_worker_is_restarted_and_no_experiment_is_lost(ray_address, tmp_path):
@@ -100,6 +117,7 @@ def test_a_killed_worker_is_restarted_and_no_experiment_is_lost(ray_address, tmp
     assert len(set(pids)) >= 2  # the worker came back as a new process
     files = stored_files(tmp_path / "store")
     assert files == sorted(f"{sid}.parquet" for sid in campaign.spec_ids)  # each exactly once
+    assert stored_images(tmp_path / "store") == sorted(campaign.spec_ids)
     # executions: each experiment once, plus at most those in flight at the kill (3)
     n = len(campaign.specs)
     assert n <= protects[-1] <= n + 3, protects
@@ -141,6 +159,7 @@ def test_a_driver_killed_mid_campaign_finishes_on_rerun(ray_address, tmp_path):
     assert second.returncode == 0, second.stderr[-2000:]
     assert f"{done_before} already in" in second.stderr
     assert stored_files(store_dir) == sorted(f"{sid}.parquet" for sid in spec_ids)
+    assert stored_images(store_dir) == sorted(spec_ids)  # one set each, none half-written
     rows = ResultStore(str(store_dir)).load()
     assert rows.groupby("spec_id")["started_at"].nunique().eq(1).all()  # rows exactly once
     # the rerun's workers executed each missing experiment's stages once, nothing more
@@ -175,6 +194,14 @@ def test_bad_run_flags_are_refused_before_any_work(tmp_path, capsys, flags, mess
     store = tmp_path / "store"
     code = main(["run", str(campaign_file(tmp_path)), "--store", str(store), *flags])
     assert code == 2 and message in capsys.readouterr().err
+    assert not store.exists()
+
+
+def test_the_images_flag_takes_thumbnails_or_none(tmp_path, capsys):
+    store = tmp_path / "store"
+    with pytest.raises(SystemExit) as refused:
+        main(["run", str(campaign_file(tmp_path)), "--store", str(store), "--images", "all"])
+    assert refused.value.code == 2 and "--images: invalid choice: 'all'" in capsys.readouterr().err
     assert not store.exists()
 
 

@@ -74,6 +74,30 @@ def test_rerun_skips_finished_spec_ids(context, tmp_path):
     assert path.stat().st_mtime_ns == mtime
 
 
+def test_an_experiment_stores_its_thumbnails_once_and_none_when_asked(context, tmp_path):
+    from antipers.samples import decode
+
+    defense = {"name": "aspl", "iterations": 1, "prior_weight": 0, "eps": 8, "step_size": 2}
+    spec = ExperimentSpec.from_dict(tiny_spec_dict(defense=defense))
+    store = ResultStore(str(tmp_path / "with"))
+    run_and_store(spec, store, context)
+    samples = store.read_images(spec.spec_id)
+    assert {k: len(v) for k, v in samples.items()} == {"clean": 2, "protected": 2, "generated": 2}
+    clean, protected = decode(samples["clean"][0]), decode(samples["protected"][0])
+    identity = context.identity(spec).set_B[0]
+    published = (identity * 255).round().permute(1, 2, 0).numpy()
+    assert clean.shape == (64, 64, 3) and (clean == published).all()
+    assert 0 < abs(protected.astype(int) - clean).max() <= 8  # the defense's photo, in budget
+    run_and_store(spec, store, context, force=True)  # a rerun replaces, never adds
+    assert [p.name for p in sorted((tmp_path / "with").iterdir())] == [
+        f"{spec.spec_id}.images.parquet",
+        f"{spec.spec_id}.parquet",
+    ]
+    bare = ResultStore(str(tmp_path / "without"))
+    run_and_store(spec, bare, context, images=False)
+    assert bare.finished_ids() == {spec.spec_id} and bare.image_ids() == set()
+
+
 def test_cli_experiment_runs_and_prints_table(tmp_path, capsys):
     code = main(
         [

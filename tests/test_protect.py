@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -52,7 +53,7 @@ def test_protect_end_to_end(photos, tmp_path, capsys):
     assert report["defense"]["name"] == "aspl" and report["defense"]["eps"] == 8.0
     assert [p["output"] for p in report["photos"]] == [str(out / f"photo{i}.png") for i in range(3)]
     clean = read_images(sorted(photos.glob("*.png")), 32)
-    protected = read_images(sorted(out.glob("*.png")), 32)
+    protected = read_images(sorted(out.glob("photo*.png")), 32)
     diff = ((protected - clean).abs() * 255).round()
     assert diff.max() <= 8 and diff.max() > 0
     assert [p["linf_255"] for p in report["photos"]] == diff.amax(dim=(1, 2, 3)).tolist()
@@ -85,6 +86,27 @@ def test_protect_keeps_each_photos_size_within_budget(tmp_path):
         assert diff.max() <= 8
         assert (diff.amax(dim=(0, 1)) > 0).float().mean() > 0.5  # not only a corner changed
     assert report["resolution"] == 32
+    # the preview: a row per photo of original | protected | difference, captioned
+    from antipers.protect import PREVIEW_SIDE
+
+    preview = np.asarray(Image.open(out / "preview.png").convert("RGB"), dtype=int)
+    row = PREVIEW_SIDE + 20 + 6
+    assert preview.shape[0] == 2 * row + 6
+    square = next(i for i, p in enumerate(report["photos"]) if p["size"] == [64, 64])
+    top = 6 + square * row + 20
+    tiles = [preview[top : top + PREVIEW_SIDE, x : x + PREVIEW_SIDE] for x in (6, 204, 402)]
+    original, protected, difference = tiles
+    assert np.abs(original - protected).max() > 0  # the protected tile is not the original
+    assert abs(difference.mean() - 128) < 12 and difference.std() > 5  # x10 around gray
+    assert (preview[6 + square * row : top] < 128).any()  # the caption's text
+
+
+def test_protect_refuses_a_photo_the_preview_would_overwrite(photos, tmp_path, capsys):
+    folder = tmp_path / "mine"
+    shutil.copytree(photos, folder)
+    (folder / "photo0.png").rename(folder / "preview.png")
+    assert run(folder, tmp_path / "out") == 2
+    assert "preview.png" in capsys.readouterr().err
 
 
 def test_protect_refuses_to_overwrite_or_write_into_input(photos, tmp_path, capsys):

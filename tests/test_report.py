@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from antipers import report as report_module
@@ -111,7 +112,8 @@ def browser():
         chromium.close()
 
 
-def test_index_html_in_headless_chromium(written, browser, tmp_path):
+def open_page(browser, index: Path):
+    """The page, and every console error or warning, page error and failed request."""
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     problems: list[str] = []
     page.on(
@@ -119,7 +121,12 @@ def test_index_html_in_headless_chromium(written, browser, tmp_path):
     )
     page.on("pageerror", lambda e: problems.append(str(e)))
     page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
-    page.goto(written.index.as_uri())
+    page.goto(index.as_uri())
+    return page, problems
+
+
+def test_index_html_in_headless_chromium(written, browser, tmp_path):
+    page, problems = open_page(browser, written.index)
     assert problems == []
 
     table = page.locator("table.sortable").first
@@ -154,3 +161,80 @@ def test_report_path_is_a_folder_of_the_callers_choosing(two_boards, tmp_path):
     out = tmp_path / "nested" / "deeper" / "report"
     result = write_report(two_boards, out)
     assert result.index == out / "index.html" and Path(result.index).is_file()
+
+
+@pytest.fixture(scope="module")
+def gallery_report(tmp_path_factory):
+    """A store whose experiments have thumbnails: each person a flat colour, each
+    defense's perturbation a pattern of its own, the generations noise."""
+    from antipers.samples import thumbnails
+
+    root = tmp_path_factory.mktemp("gallery-store")
+    store = build_store(root, identities=3, seeds=(0,))
+    rows = store.load()
+    rng = torch.Generator().manual_seed(0)
+    for _, group in rows.groupby("spec_id"):
+        first = group.iloc[0]
+        person = int(first["identity"].split("-")[1])
+        clean = torch.full((2, 3, 64, 64), 0.25 + 0.2 * person)
+        strength = 0.0 if first["defense"] == "none" else 8 / 255
+        pattern = torch.sign(torch.randn(1, 3, 64, 64, generator=rng)) * strength
+        samples = {
+            "clean": thumbnails(clean, "clean"),
+            "protected": thumbnails((clean + pattern).clamp(0, 1), "protected"),
+            "generated": thumbnails(torch.rand(4, 3, 64, 64, generator=rng), "generated"),
+        }
+        store.write(group.to_dict("records"), images=samples)
+    return write_report(str(root), tmp_path_factory.mktemp("gallery-out") / "report")
+
+
+def test_galleries_are_files_beside_the_page_for_chosen_people(gallery_report):
+    from antipers.gallery import chosen_people
+
+    out = gallery_report.out
+    html = (out / "index.html").read_text()
+    shown = sorted(p.name for p in (out / "images").iterdir())
+    assert shown and all(f'src="images/{name}"' in html for name in shown)
+    assert len(html) < 200_000  # thumbnails are files, not inlined
+    board = gallery_report.boards[0]
+    people = chosen_people(board, set(board.experiments["spec_id"]))
+    assert people == [("id-0", 0), ("id-1", 0)]  # deterministic: most configurations, then name
+    for config in board.table["config"]:
+        assert f'data-config="{config}"' in html
+    # the perturbation of a defense is mid-gray nowhere near zero; of `none`, exactly gray
+    none_id = board.experiments.query("config == 'none' and countermeasure == 'none'")
+    gray = Image.open(out / "images" / f"{none_id['spec_id'].iloc[0]}-perturbation-0.png")
+    assert set(np.asarray(gray).ravel()) == {128}
+
+
+def test_gallery_in_headless_chromium_loads_and_follows_the_table(
+    gallery_report, browser, tmp_path
+):
+    page, problems = open_page(browser, gallery_report.index)
+    gallery = page.locator(".gallery").first
+    gallery.scroll_into_view_if_needed()
+    images = gallery.locator("img")
+    assert images.count() >= 10
+    for i in range(images.count()):  # lazy: each loads once it is on screen
+        images.nth(i).scroll_into_view_if_needed()
+    page.wait_for_function(
+        "Array.from(document.querySelectorAll('.gallery')[0].querySelectorAll('img'))"
+        ".every(img => img.complete && img.naturalWidth > 0)",
+        timeout=10_000,
+    )
+    shot = tmp_path / "gallery.png"
+    gallery.screenshot(path=str(shot))
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=float)
+    assert pixels.shape[0] > 150 and pixels.std() > 20  # photos and noise, not a blank box
+    shutil.copy(shot, gallery_report.out / "gallery-screenshot.png")
+
+    rows = gallery.locator("tbody tr")
+    visible = [r for r in rows.all() if r.is_visible()]
+    assert len(visible) == rows.count()
+    config = "simac"
+    page.locator(f"table.sortable tbody tr[data-config='{config}']").first.click()
+    shown = [r.get_attribute("data-config") for r in rows.all() if r.is_visible()]
+    assert shown and set(shown) == {config}
+    gallery.locator("button.show-all").click()
+    assert all(r.is_visible() for r in rows.all())
+    assert problems == []

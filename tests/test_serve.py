@@ -275,6 +275,23 @@ def test_evaluation_lifecycle_submit_poll_done_rows(service, photos):
     assert rows["fdfr"]["defense"] == "none" and rows["fdfr"]["dataset"] == "uploads"
     again = post(f"{service}/v1/evaluations", files, EVALUATION).json()
     assert again == {"id": evaluation, "status": "done"}  # same upload, same id, no rerun
+    # its generated images, served as PNG (2 prompts x 1 image), behind the same token
+    assert body["images"] == [f"/v1/evaluations/{evaluation}/images/{k}.png" for k in (0, 1)]
+    first = requests.get(f"{service}{body['images'][0]}", timeout=30)
+    assert first.status_code == 200 and first.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(first.content)).size == (64, 64)
+    images = f"{service}/v1/evaluations/{evaluation}/images"
+    for missing in ("2.png", "x.png", "0.jpg", "-1.png"):
+        assert requests.get(f"{images}/{missing}", timeout=30).status_code == 404, missing
+    unknown = f"{service}/v1/evaluations/0123456789abcdef/images/0.png"
+    assert requests.get(unknown, timeout=30).status_code == 404
+    assert (
+        requests.get(f"{service}/v1/evaluations/nope/images/0.png", timeout=30).status_code == 422
+    )
+    secure = f"{service}/secure/v1/evaluations/{evaluation}/images/0.png"
+    assert requests.get(secure, timeout=30).status_code == 401
+    allowed = requests.get(secure, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+    assert allowed.status_code == 200 and allowed.content == first.content
 
 
 def test_evaluation_requests_are_checked(service, photos):

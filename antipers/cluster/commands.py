@@ -38,6 +38,7 @@ class RunOptions:
     device: str | None = None
     object_store_memory: int | None = None
     progress: bool = True
+    images: bool = True  # each experiment's thumbnails stored beside its rows
 
 
 def _plan(options: RunOptions, has_gpus: bool) -> WorkerPlan:
@@ -83,6 +84,7 @@ def run(campaign: Campaign, store: ResultStore, options: RunOptions) -> Campaign
             retries=options.retries,
             progress=options.progress,
             description=Path(campaign.path).stem,
+            images=options.images,
         )
     finally:
         if started:

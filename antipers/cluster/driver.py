@@ -117,8 +117,10 @@ def run_campaign(
     progress: bool = True,
     description: str = "campaign",
     on_result: ResultHook | None = None,
+    images: bool = True,
 ) -> CampaignReport:
-    """Run every spec that the store lacks on Ray workers (Ray must be connected)."""
+    """Run every spec that the store lacks on Ray workers (Ray must be connected); with
+    ``images``, each experiment's thumbnails are stored beside its rows."""
     if not ray.is_initialized():
         raise RuntimeError("connect to Ray first (antipers.cluster.runtime.connect)")
     from tqdm import tqdm
@@ -166,9 +168,11 @@ def run_campaign(
             job = pending.pop(ready[0])
             for role, i in job.lanes.items():
                 pools[role].load[i] -= 1
+            samples = None
             try:
                 handoff: Handoff = ray.get(ready[0])
                 rows = experiment_rows(job.spec, handoff)
+                samples = handoff.samples if images else None
             except Exception as exc:
                 if _worker_cannot_start(exc):
                     raise ClusterError(
@@ -185,7 +189,7 @@ def run_campaign(
                     rows = failure_rows(job.spec, job.submitted, cause, duration, "driver")
                 else:
                     rows = error_rows(job.spec, job.submitted, _message(exc), duration, "driver")
-            store.write(rows)
+            store.write(rows, images=samples)
             if rows[0]["status"] == "error" and not rows[0]["metric"]:
                 report.failed += 1
                 report.failures[job.spec.spec_id] = rows[0]["error"].splitlines()[0]

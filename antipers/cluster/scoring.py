@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from antipers import robustness
@@ -343,10 +343,8 @@ class ScoringService:
         known.pop("rows", None)
         return JSONResponse(known, status_code=202)
 
-    @api.get("/v1/evaluations/{evaluation_id}")
-    async def get_evaluation(self, evaluation_id: str, request: Request) -> JSONResponse:
-        from antipers.cluster import evaluations
-
+    def _refuse_evaluation(self, evaluation_id: str, request: Request) -> JSONResponse | None:
+        """401 without the token, 422 for what cannot be an id; None when both hold."""
         if not self._authorized(request):
             return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401)
         if len(evaluation_id) != 16 or any(c not in "0123456789abcdef" for c in evaluation_id):
@@ -354,10 +352,43 @@ class ScoringService:
                 {"error": f"{evaluation_id!r}: an evaluation id is 16 hex digits"},
                 status_code=422,
             )
+        return None
+
+    @api.get("/v1/evaluations/{evaluation_id}")
+    async def get_evaluation(self, evaluation_id: str, request: Request) -> JSONResponse:
+        from antipers.cluster import evaluations
+
+        refused = self._refuse_evaluation(evaluation_id, request)
+        if refused is not None:
+            return refused
         body = await asyncio.to_thread(evaluations.status, evaluation_id, self.store, self._running)
         if body is None:
             return JSONResponse({"error": f"no evaluation {evaluation_id}"}, status_code=404)
+        if body["status"] == "done":  # the generated images, as this service serves them
+            samples = await asyncio.to_thread(self.store.read_images, evaluation_id)
+            base = request.url.path.rstrip("/")
+            body["images"] = [
+                f"{base}/images/{k}.png" for k in range(len(samples.get("generated", [])))
+            ]
         return JSONResponse(body)
+
+    @api.get("/v1/evaluations/{evaluation_id}/images/{name}")
+    async def get_evaluation_image(
+        self, evaluation_id: str, name: str, request: Request
+    ) -> Response:
+        refused = self._refuse_evaluation(evaluation_id, request)
+        if refused is not None:
+            return refused
+        k = name.removesuffix(".png")
+        if not name.endswith(".png") or not k.isdigit() or len(k) > 3:
+            return JSONResponse({"error": f"{name!r}: images are K.png"}, status_code=404)
+        samples = await asyncio.to_thread(self.store.read_images, evaluation_id)
+        generated = samples.get("generated", [])
+        if int(k) >= len(generated):
+            return JSONResponse(
+                {"error": f"evaluation {evaluation_id} has no image {name}"}, status_code=404
+            )
+        return Response(generated[int(k)], media_type="image/png")
 
 
 def check_args(args: dict[str, Any]) -> None:
