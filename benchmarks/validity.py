@@ -106,14 +106,58 @@ def reference(defenses, having) -> str | None:
 
 def labelled(rows: pd.DataFrame) -> pd.DataFrame:
     """``defense`` and ``attack`` as the boards label them: the name, with the
-    parameters that differ where one runs in several configurations."""
+    parameters that differ where one runs in several configurations; countermeasure
+    chains likewise (``purify (t=150)`` beside ``purify (t=100)``)."""
     rows = rows.copy()
     for kind in ("defense", "attack"):
         labels = config_labels(rows, kind)
         rows[kind] = [
             labels[(n, p)] for n, p in zip(rows[kind], rows[f"{kind}_params"], strict=True)
         ]
+    chains = rows[["countermeasure", "countermeasure_params"]].drop_duplicates()
+    labels = {}
+    for name, group in chains.groupby("countermeasure"):
+        for raw in group["countermeasure_params"]:
+            if len(group) == 1:
+                labels[(name, raw)] = name
+                continue
+            steps = [
+                ", ".join(f"{k}={v}" for k, v in entry.items() if k != "name")
+                for entry in json.loads(raw or "[]")
+            ]
+            labels[(name, raw)] = f"{name} ({'; '.join(steps)})"
+    rows["countermeasure"] = [
+        labels[key]
+        for key in zip(rows["countermeasure"], rows["countermeasure_params"], strict=True)
+    ]
     return rows
+
+
+def worst_case(frame: pd.DataFrame, metrics=("fdfr", "ism", "linkability")) -> list[str]:
+    """Each defense's worst case over the countermeasures that ran against an attack,
+    as the boards rank: the attacker picks, per metric, the countermeasure that serves
+    it best (FDFR lowest, ISM and linkability highest). The undefended attack is shown
+    the same way, so what a countermeasure costs the attacker is visible."""
+    rules = load_boards().defaults
+    rows = frame[frame["defense"] != FLOOR]
+    out = []
+    for (attack, defense), group in rows.groupby(["attack", "defense"], sort=False):
+        if group["countermeasure"].nunique() < 2:
+            continue
+        parts = []
+        for m in metrics:
+            known = group.dropna(subset=[m])
+            if known.empty:
+                continue
+            # the defense's side says which way is better; the attacker takes the other
+            higher = rules.higher_is_better(m, True)
+            best_for_attacker = known[m].idxmin() if higher else known[m].idxmax()
+            r = known.loc[best_for_attacker]
+            interval = f"[{r[m + '_lo']:.3f}, {r[m + '_hi']:.3f}]"
+            parts.append(f"{m} {r[m]:.3f} {interval} under {r['countermeasure']}")
+        cms = ", ".join(sorted(group["countermeasure"].unique()))
+        out.append(f"{attack}: {defense} worst case over {{{cms}}}: " + ", ".join(parts))
+    return out
 
 
 def person(spec) -> str:
@@ -460,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"## {title}\n")
         print(show(frame, metrics))
         print()
-        for line in checks(frame) + paired(rows[rows["person"].isin(chosen)]):
+        lines = checks(frame) + worst_case(frame) + paired(rows[rows["person"].isin(chosen)])
+        for line in lines:
             print("- " + line)
         print()
     return 0

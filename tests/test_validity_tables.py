@@ -67,3 +67,49 @@ def test_paired_differences_take_each_metric_from_its_own_reference(validity):
     assert "backdoor_target_distance -0.500" in against_control[0]
     assert "(below 0)" in against_control[0]
     assert not any("backdoor" in line and "minus none" in line for line in lines)
+
+
+def test_countermeasure_chains_are_labelled_by_what_differs(validity):
+    chains = [
+        ("none", "[]"),
+        ("jpeg", '[{"name":"jpeg","quality":75}]'),
+        ("purify", '[{"name":"purify","steps":10,"t":100}]'),
+        ("purify", '[{"name":"purify","steps":15,"t":150}]'),
+    ]
+    frame = pd.DataFrame(
+        [
+            {
+                "defense": "none",
+                "defense_params": "{}",
+                "attack": "dreambooth",
+                "attack_params": "{}",
+                "countermeasure": name,
+                "countermeasure_params": params,
+            }
+            for name, params in chains
+        ]
+    )
+    assert list(validity.labelled(frame)["countermeasure"]) == [
+        "none",
+        "jpeg",
+        "purify (steps=10, t=100)",
+        "purify (steps=15, t=150)",
+    ]
+
+
+def test_the_worst_case_is_what_serves_the_attacker_per_metric(validity):
+    def line(cm, fdfr, ism, link):
+        out = {"attack": "dreambooth", "defense": "aspl", "countermeasure": cm}
+        for metric, value in (("fdfr", fdfr), ("ism", ism), ("linkability", link)):
+            out |= {metric: value, f"{metric}_lo": value - 0.01, f"{metric}_hi": value + 0.01}
+        return out
+
+    frame = pd.DataFrame(
+        [line("none", 0.8, 0.91, 0.4), line("noise", 0.3, 0.93, 0.5), line("jpeg", 0.5, 0.94, 0.3)]
+    )
+    (text,) = validity.worst_case(frame)
+    assert "aspl worst case over {jpeg, noise, none}" in text
+    assert "fdfr 0.300 [0.290, 0.310] under noise" in text  # FDFR: lower serves the attacker
+    assert "ism 0.940 [0.930, 0.950] under jpeg" in text
+    assert "linkability 0.500 [0.490, 0.510] under noise" in text
+    assert validity.worst_case(frame[frame["countermeasure"] == "none"]) == []
