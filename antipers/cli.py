@@ -218,11 +218,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-ROLES = ("defense", "attack", "scoring")
-
-
 def _per_role(text: str | None, flag: str, whole: bool = False) -> dict[str, float] | None:
     """``2`` (every role) or ``attack=2,scoring=0.5`` -> {role: value}."""
+    from antipers.cluster import ROLES
+
     if not text:
         return None
     out: dict[str, float] = {}
@@ -365,6 +364,16 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _images_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--images",
+        choices=("thumbnails", "none"),
+        default="thumbnails",
+        help="store each experiment's sample images (2 clean, 2 protected, 4 generated "
+        "PNGs of at most 128 px) beside its rows (default: thumbnails)",
+    )
+
+
 def _cluster_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--address",
@@ -397,13 +406,7 @@ def _cluster_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", help="worker device: auto (default), cpu, cuda")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--images",
-        choices=("thumbnails", "none"),
-        default="thumbnails",
-        help="store each experiment's sample images (2 clean, 2 protected, 4 generated "
-        "PNGs of at most 128 px) beside its rows (default: thumbnails)",
-    )
+    _images_argument(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -437,12 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--force", action="store_true", help="run even if the store has this spec_id")
-    p.add_argument(
-        "--images",
-        choices=("thumbnails", "none"),
-        default="thumbnails",
-        help="store the experiment's sample images beside its rows (default: thumbnails)",
-    )
+    _images_argument(p)
     p.set_defaults(func=cmd_experiment)
 
     data = sub.add_parser("data", help="dataset folders: check, synthesize")

@@ -2,3 +2,7 @@
 
 The only package that imports ray; the rest of antipers runs without it.
 """
+
+# the worker roles (one stage each), here so that the CLI can check ``--workers`` and
+# ``--cpus`` without importing ray
+ROLES = ("defense", "attack", "scoring")

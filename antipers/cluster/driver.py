@@ -23,8 +23,9 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
+from antipers.cluster import ROLES
 from antipers.cluster.runtime import ClusterError
-from antipers.cluster.workers import ROLES, Pool, WorkerPlan, start_workers
+from antipers.cluster.workers import Pool, WorkerPlan, start_workers
 from antipers.errors import ComponentUnavailable
 from antipers.pipeline import Handoff, error_rows, experiment_rows, failure_rows
 from antipers.results import ResultStore

@@ -15,6 +15,7 @@ from typing import Any
 
 import ray
 
+from antipers.cluster import ROLES
 from antipers.pipeline import (
     Handoff,
     RunContext,
@@ -24,7 +25,6 @@ from antipers.pipeline import (
 )
 from antipers.spec import ExperimentSpec
 
-ROLES = ("defense", "attack", "scoring")
 # Ray always restarts a dead worker and retries each call it had in flight once more;
 # the driver then resubmits the experiment (--retries) before storing it as an error,
 # so an experiment that kills its worker every time (out of memory) cannot stall the

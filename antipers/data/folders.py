@@ -84,8 +84,52 @@ def is_antidreambooth_layout(root: Path) -> bool:
     return any((d / s).is_dir() for d in _identity_dirs(root) for s in SETS)
 
 
+class _IdentityFolders:
+    """What every per-identity folder dataset shares: listing, finding and loading an
+    identity, and checking the whole dataset."""
+
+    label: ClassVar[str]
+
+    @property
+    def path(self) -> Path:
+        raise NotImplementedError
+
+    def identities(self) -> list[str]:
+        _check_root(self.path, self.label)
+        return [d.name for d in _identity_dirs(self.path)]
+
+    def _folder(self, identity: str) -> Path:
+        folder = self.path / identity
+        if not folder.is_dir():
+            _check_root(self.path, self.label)
+            raise DatasetError([f"{folder}: no identity {identity!r} in dataset {self.label!r}"])
+        return folder
+
+    def photo_sets(self, identity: str, verify: bool = False) -> dict[str, list[Path]]:
+        raise NotImplementedError
+
+    def load(self, identity: str, resolution: int) -> IdentitySet:
+        sets = self.photo_sets(identity)
+
+        def batch(paths: list[Path]) -> torch.Tensor:  # a set may be empty (uploads)
+            if not paths:
+                return torch.zeros(0, 3, resolution, resolution)
+            return read_images(paths, resolution)
+
+        return IdentitySet(
+            dataset=self.label,
+            identity=identity,
+            **{name: batch(paths) for name, paths in sets.items()},
+            sources={name: tuple(map(str, paths)) for name, paths in sets.items()},
+        )
+
+    def check(self) -> list[str]:
+        """Every problem in the whole dataset (empty when it is usable)."""
+        return check_all(self)
+
+
 @dataclass(frozen=True)
-class AntiDreamBoothFolders:
+class AntiDreamBoothFolders(_IdentityFolders):
     """``<root>/<identity>/set_A|set_B|set_C``; ``root=""`` means ``$ANTIPERS_DATA_DIR/<name>``."""
 
     root: str = ""
@@ -96,15 +140,8 @@ class AntiDreamBoothFolders:
     def path(self) -> Path:
         return Path(self.root).expanduser() if self.root else data_dir() / self.label
 
-    def identities(self) -> list[str]:
-        _check_root(self.path, self.label)
-        return [d.name for d in _identity_dirs(self.path)]
-
     def photo_sets(self, identity: str, verify: bool = False) -> dict[str, list[Path]]:
-        folder = self.path / identity
-        if not folder.is_dir():
-            _check_root(self.path, self.label)
-            raise DatasetError([f"{folder}: no identity {identity!r} in dataset {self.label!r}"])
+        folder = self._folder(identity)
         problems: list[str] = []
         sets: dict[str, list[Path]] = {}
         for name in SETS:
@@ -122,19 +159,6 @@ class AntiDreamBoothFolders:
         if problems:
             raise DatasetError(problems)
         return sets
-
-    def load(self, identity: str, resolution: int) -> IdentitySet:
-        sets = self.photo_sets(identity)
-        return IdentitySet(
-            dataset=self.label,
-            identity=identity,
-            **{name: read_images(paths, resolution) for name, paths in sets.items()},
-            sources={name: tuple(map(str, paths)) for name, paths in sets.items()},
-        )
-
-    def check(self) -> list[str]:
-        """Every problem in the whole dataset (empty when it is usable)."""
-        return check_all(self)
 
 
 @dataclass(frozen=True)
@@ -160,7 +184,7 @@ class Uploads(AntiDreamBoothFolders):
 
 
 @dataclass(frozen=True)
-class PlainFolders:
+class PlainFolders(_IdentityFolders):
     """``<root>/<identity>/<photos>``, split round-robin into set_A, set_B, set_C."""
 
     root: str
@@ -171,15 +195,8 @@ class PlainFolders:
     def path(self) -> Path:
         return Path(self.root).expanduser()
 
-    def identities(self) -> list[str]:
-        _check_root(self.path, self.label)
-        return [d.name for d in _identity_dirs(self.path)]
-
     def photo_sets(self, identity: str, verify: bool = False) -> dict[str, list[Path]]:
-        folder = self.path / identity
-        if not folder.is_dir():
-            _check_root(self.path, self.label)
-            raise DatasetError([f"{folder}: no identity {identity!r} in {self.path}"])
+        folder = self._folder(identity)
         problems: list[str] = []
         photos = scan_photos(folder, problems, verify)
         need = len(SETS) * self.min_photos  # split round-robin into the three sets
@@ -192,28 +209,8 @@ class PlainFolders:
             raise DatasetError(problems)
         return {name: photos[i :: len(SETS)] for i, name in enumerate(SETS)}
 
-    def load(self, identity: str, resolution: int) -> IdentitySet:
-        sets = self.photo_sets(identity)
 
-        def batch(paths: list[Path]) -> torch.Tensor:
-            return (
-                read_images(paths, resolution)
-                if paths
-                else torch.zeros(0, 3, resolution, resolution)
-            )
-
-        return IdentitySet(
-            dataset=self.label,
-            identity=identity,
-            **{name: batch(paths) for name, paths in sets.items()},
-            sources={name: tuple(map(str, paths)) for name, paths in sets.items()},
-        )
-
-    def check(self) -> list[str]:
-        return check_all(self)
-
-
-def check_all(dataset: AntiDreamBoothFolders | PlainFolders) -> list[str]:
+def check_all(dataset: _IdentityFolders) -> list[str]:
     try:
         identities = dataset.identities()
     except DatasetError as exc:
