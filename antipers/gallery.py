@@ -12,6 +12,7 @@ to ``index.html``, so the page stays small and loads them lazily.
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,8 @@ class Gallery:
     seed: int
     clean: list[Thumb]
     rows: list[ConfigRow]
+    photos_changed: bool = True  # False: the defense is not in the photos (model track)
+    dataset: str = ""  # the identity's dataset and its settings, as people read them
 
 
 class _Writer:
@@ -83,43 +86,74 @@ class _Writer:
         ]
 
 
+def _dataset_label(raw: str) -> str:
+    """``synthetic (n_identities=8, seed=3)`` from the spec's dataset JSON."""
+    try:
+        spec = json.loads(raw)
+    except ValueError:
+        return raw
+    if not isinstance(spec, dict):
+        return str(spec)
+    params = ", ".join(f"{k}={v}" for k, v in sorted(spec.items()) if k != "name")
+    return f"{spec.get('name', '')} ({params})" if params else str(spec.get("name", ""))
+
+
 def chosen_people(board: Board, with_images: set[str], count: int = PER_BOARD) -> list[tuple]:
-    """(identity, seed) pairs with thumbnails for the most configurations, then by name."""
+    """(person, seed) pairs, one seed per person (the smallest), with thumbnails for the
+    most configurations, then by name."""
     runs = board.experiments[board.experiments["spec_id"].isin(with_images)]
     if runs.empty:
         return []
     plain = runs[runs["countermeasure"] == NO_COUNTERMEASURE]
-    covered = (plain if not plain.empty else runs).groupby(["identity", "seed"])["config"].nunique()
+    runs = plain if not plain.empty else runs
+    first_seed = runs.groupby("person")["seed"].min()
+    runs = runs[runs["seed"] == runs["person"].map(first_seed)]
+    covered = runs.groupby(["person", "seed"])["config"].nunique()
     ranked = sorted(covered.items(), key=lambda item: (-item[1], str(item[0][0]), item[0][1]))
     return [person for person, _ in ranked[:count]]
 
 
-def board_galleries(board: Board, store: ResultStore, out: Path) -> list[Gallery]:
-    """The board's galleries, their thumbnails written under ``out/images``."""
+def board_galleries(
+    board: Board, store: ResultStore, out: Path, with_images: set[str]
+) -> list[Gallery]:
+    """The board's galleries, their thumbnails written under ``out/images``. Only the
+    image track changes photos: elsewhere (a protected model, IDDM's own perturbation
+    inside its personalization) the photos column would show clean photos as protected."""
     if board.experiments.empty:
         return []
-    with_images = store.image_ids()
+    photos_changed = board.key.get("track", "image") == "image"
     writer = _Writer(store, out)
     worst_column = f"worst_{board.primary}_countermeasure"
     galleries = []
-    for identity, seed in chosen_people(board, with_images):
+    for person, seed in chosen_people(board, with_images):
         mine = board.experiments[
-            (board.experiments["identity"] == identity)
+            (board.experiments["person"] == person)
             & (board.experiments["seed"] == seed)
             & board.experiments["spec_id"].isin(with_images)
-        ]
+        ].sort_values("spec_id")
+        # one experiment per configuration and countermeasure (a rerun with other
+        # settings, or two strengths of one countermeasure, would make several)
+        mine = mine.drop_duplicates(["config", "countermeasure"])
+        identity = str(mine["identity"].iloc[0])
         clean: list[Thumb] = []
         rows = []
         for _, line in board.table.iterrows():
             config = line["config"]
-            runs = mine[mine["config"] == config].set_index("countermeasure")["spec_id"]
+            runs = dict(
+                zip(
+                    mine.loc[mine["config"] == config, "countermeasure"],
+                    mine.loc[mine["config"] == config, "spec_id"],
+                    strict=True,
+                )
+            )
             plain = runs.get(NO_COUNTERMEASURE)
             row = ConfigRow(config)
             if plain is not None:
                 if not clean:
                     clean = writer.thumbs(plain, "clean", 1)
-                row.protected = writer.thumbs(plain, "protected", 1)
-                row.perturbation = writer.perturbation(plain, 1)
+                if photos_changed:
+                    row.protected = writer.thumbs(plain, "protected", 1)
+                    row.perturbation = writer.perturbation(plain, 1)
                 row.generated = writer.thumbs(plain, "generated")
             worst = line.get(worst_column)
             if isinstance(worst, str) and worst != NO_COUNTERMEASURE and worst in runs:
@@ -128,5 +162,6 @@ def board_galleries(board: Board, store: ResultStore, out: Path) -> list[Gallery
             if row.generated or row.worst_generated or row.protected:
                 rows.append(row)
         if rows:
-            galleries.append(Gallery(str(identity), int(seed), clean, rows))
+            dataset = _dataset_label(str(person).removesuffix(f"/{identity}"))
+            galleries.append(Gallery(identity, int(seed), clean, rows, photos_changed, dataset))
     return galleries

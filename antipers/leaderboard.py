@@ -15,6 +15,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -379,10 +380,22 @@ def _board(
     backends = rows.groupby("metric")["backend"].first().to_dict()  # one per board
     _check_baseline(board, table, backends)
     _count(board, rows, failed)
-    board.experiments = ok.drop_duplicates("spec_id")[
-        ["spec_id", "config", "countermeasure", "identity", "seed"]
+    experiments = ok.drop_duplicates("spec_id")
+    # a person is the identity within its dataset's settings: synthetic datasets of
+    # different seeds reuse the labels synth-0000, ...
+    datasets = experiments["spec_json"].map(_dataset_of)
+    board.experiments = experiments.assign(person=datasets + "/" + experiments["identity"])[
+        ["spec_id", "config", "countermeasure", "identity", "person", "seed"]
     ].reset_index(drop=True)
     return board
+
+
+def _dataset_of(spec_json: Any) -> str:
+    """The dataset an experiment's spec names, with its parameters, as canonical JSON."""
+    try:
+        return json.dumps(json.loads(spec_json)["dataset"], sort_keys=True)
+    except (TypeError, ValueError, KeyError):
+        return ""
 
 
 def _check_baseline(board: Board, table: pd.DataFrame, backends: dict[str, str]) -> None:

@@ -36,6 +36,7 @@ from antipers.spec import ComponentSpec
 REPORT = "protect.json"
 PREVIEW = "preview.png"
 PREVIEW_SIDE = 192  # each tile's height in the preview
+PREVIEW_ROWS = 24  # photos shown in the preview (a folder of hundreds stays viewable)
 log = logging.getLogger(__name__)
 
 
@@ -163,11 +164,12 @@ def protect_folder(
 def preview(
     originals: list[torch.Tensor], outputs: list[torch.Tensor], records: list[dict[str, Any]]
 ) -> Image.Image:
-    """One row per photo: original | protected | the difference x``AMPLIFY`` around
-    mid-gray (at full size, then scaled with the row), captioned with its L-inf and PSNR:
-    what a person checks before publishing."""
+    """One row per photo (the first ``PREVIEW_ROWS``): original | protected | the
+    difference x``AMPLIFY`` around mid-gray (at full size, then scaled with the row),
+    captioned with its L-inf and PSNR: what a person checks before publishing."""
     tiles, captions = [], []
-    for original, output, record in zip(originals, outputs, records, strict=True):
+    shown = list(zip(originals, outputs, records, strict=True))[:PREVIEW_ROWS]
+    for original, output, record in shown:
         diff = (0.5 + AMPLIFY * (output - original)).clamp(0, 1)
         row = [Image.fromarray(a) for a in to_uint8(torch.cat([original, output, diff]))]
         width = max(1, round(row[0].width * PREVIEW_SIDE / row[0].height))
@@ -176,6 +178,8 @@ def preview(
             f"{Path(record['source']).name}: L-inf {record['linf_255']:.0f}/255, "
             f"PSNR {record['psnr_db']:.1f} dB  (original | protected | difference x{AMPLIFY})"
         )
+    if len(records) > PREVIEW_ROWS:
+        captions[-1] += f"; {len(records) - PREVIEW_ROWS} more photo(s) not shown"
     font = ImageFont.load_default(size=13)
     pad, text_h = 6, 20
     width = max(sum(t.width for t in row) + pad * (len(row) + 1) for row in tiles)

@@ -24,7 +24,7 @@ import pandas as pd
 
 from antipers import __version__
 from antipers.boards import BoardsConfig, load_boards
-from antipers.gallery import Gallery, board_galleries
+from antipers.gallery import IMAGES, Gallery, board_galleries
 from antipers.leaderboard import BOARD_FIELDS, Board, ReportError, build_boards
 from antipers.results import ResultStore
 from antipers.samples import AMPLIFY
@@ -241,6 +241,7 @@ def render(
                 "problems": b.problems.to_dict("records"),
                 "failed": b.failed.to_dict("records"),
                 "galleries": galleries.get(b.slug, []),
+                "gallery_configs": {r.config for g in galleries.get(b.slug, []) for r in g.rows},
             }
             for b in boards
         ],
@@ -269,18 +270,22 @@ def write_report(store_uri: str, out: str | Path, boards_file: str | Path | None
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        galleries = {b.slug: board_galleries(b, store, staging) for b in boards}
+        with_images = store.image_ids()
+        galleries = {b.slug: board_galleries(b, store, staging, with_images) for b in boards}
         for name, text in render(boards, failed, store_uri, galleries).items():
             (staging / name).write_text(text, encoding="utf-8")
         for name, frame in tables(boards).items():
             frame.to_csv(staging / f"{name}.csv", index=False)
             frame.to_parquet(staging / f"{name}.parquet", index=False)
         out.mkdir(exist_ok=True)
-        for path in staging.iterdir():
+        written = list(staging.iterdir())
+        stale = out / IMAGES
+        if stale.is_dir() and not (staging / IMAGES).is_dir():  # no gallery any more
+            os.replace(stale, staging / f".old-{IMAGES}")
+        for path in written:
             target = out / path.name
             if path.is_dir() and target.is_dir():  # a folder is not replaced by a rename
-                old = staging / f".old-{path.name}"
-                os.replace(target, old)
+                os.replace(target, staging / f".old-{path.name}")
             os.replace(path, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -120,8 +120,10 @@ class ResultStore:
         # a metric that could not score is recorded but does not make the run retry
         status = ERROR if any(r["status"] == ERROR and not r["metric"] for r in rows) else OK
         table = rows_to_table(rows)
-        if images:
-            check_name(spec_id, "spec_id")
+        check_name(spec_id, "spec_id")
+        if not images:  # a rerun without thumbnails: none from an earlier run stay behind
+            self._delete(f"{self.root}/{spec_id}{IMAGES_SUFFIX}")
+        else:
             records = [
                 {"kind": kind, "index": i, "png": png}
                 for kind, pngs in images.items()

@@ -4,6 +4,7 @@ and index.html in a real headless Chromium (console, screenshot, sorting)."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 from pathlib import Path
@@ -17,6 +18,7 @@ from PIL import Image
 from antipers import report as report_module
 from antipers.cli import main
 from antipers.report import write_report
+from antipers.results import ResultStore
 from tests.test_leaderboard import build_store, experiment
 
 CHROMIUM = "/usr/bin/chromium"
@@ -163,15 +165,11 @@ def test_report_path_is_a_folder_of_the_callers_choosing(two_boards, tmp_path):
     assert result.index == out / "index.html" and Path(result.index).is_file()
 
 
-@pytest.fixture(scope="module")
-def gallery_report(tmp_path_factory):
-    """A store whose experiments have thumbnails: each person a flat colour, each
+def with_thumbnails(store: ResultStore, rows: pd.DataFrame) -> None:
+    """Rewrite each experiment with thumbnails: each person a flat colour, each
     defense's perturbation a pattern of its own, the generations noise."""
     from antipers.samples import thumbnails
 
-    root = tmp_path_factory.mktemp("gallery-store")
-    store = build_store(root, identities=3, seeds=(0,))
-    rows = store.load()
     rng = torch.Generator().manual_seed(0)
     for _, group in rows.groupby("spec_id"):
         first = group.iloc[0]
@@ -185,7 +183,55 @@ def gallery_report(tmp_path_factory):
             "generated": thumbnails(torch.rand(4, 3, 64, 64, generator=rng), "generated"),
         }
         store.write(group.to_dict("records"), images=samples)
+
+
+@pytest.fixture(scope="module")
+def gallery_report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gallery-store")
+    store = build_store(root, identities=3, seeds=(0,))
+    with_thumbnails(store, store.load())
     return write_report(str(root), tmp_path_factory.mktemp("gallery-out") / "report")
+
+
+def test_people_of_two_datasets_with_the_same_labels_are_told_apart(tmp_path):
+    """Synthetic datasets of different seeds both name their people synth-0000, ...;
+    a rerun with other settings adds a second experiment under the same labels."""
+    from antipers.gallery import chosen_people
+
+    root = tmp_path / "store"
+    store = build_store(root, identities=2, seeds=(0,))
+    rows = store.load()
+    for seed, run in ((0, "a"), (1, "a"), (0, "b")):  # (0, "b"): a rerun, other settings
+        copy = rows.copy()
+        copy["spec_json"] = json.dumps({"dataset": {"name": "synthetic", "seed": seed}})
+        copy["spec_id"] = copy["spec_id"] + f"{run}{seed}"
+        with_thumbnails(store, copy)
+    report = write_report(str(root), tmp_path / "report")
+    board = report.boards[0]
+    people = chosen_people(board, store.image_ids())
+    assert len(people) == 2 and len({person for person, _ in people}) == 2
+    html = report.index.read_text()
+    assert html.count('class="who"') == 2
+    assert "identity <code>id-0</code> of synthetic (seed=0)" in html
+    assert "identity <code>id-1</code> of synthetic (seed=0)" in html
+    # one gallery row per configuration (4), though three experiments share each key
+    assert html.count("<tr data-config=") == 4 + 2 * 4  # the table's rows, two galleries
+
+
+def test_a_report_without_thumbnails_leaves_no_stale_gallery(tmp_path):
+    store = build_store(tmp_path / "store", identities=2, seeds=(0,))
+    with_thumbnails(store, store.load())
+    out = tmp_path / "report"
+    write_report(str(tmp_path / "store"), out)
+    assert any((out / "images").iterdir())
+    write_report(str(tmp_path / "store"), out)  # again: the folder is replaced whole
+    bare = build_store(tmp_path / "bare", identities=2, seeds=(0,))
+    assert bare.image_ids() == set()
+    write_report(str(tmp_path / "bare"), out)
+    assert (
+        not (out / "images").exists() and 'class="gallery"' not in (out / "index.html").read_text()
+    )
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_galleries_are_files_beside_the_page_for_chosen_people(gallery_report):
@@ -198,7 +244,7 @@ def test_galleries_are_files_beside_the_page_for_chosen_people(gallery_report):
     assert len(html) < 200_000  # thumbnails are files, not inlined
     board = gallery_report.boards[0]
     people = chosen_people(board, set(board.experiments["spec_id"]))
-    assert people == [("id-0", 0), ("id-1", 0)]  # deterministic: most configurations, then name
+    assert people == [("/id-0", 0), ("/id-1", 0)]  # most configurations, then name (no dataset)
     for config in board.table["config"]:
         assert f'data-config="{config}"' in html
     # the perturbation of a defense is mid-gray nowhere near zero; of `none`, exactly gray
@@ -238,3 +284,17 @@ def test_gallery_in_headless_chromium_loads_and_follows_the_table(
     gallery.locator("button.show-all").click()
     assert all(r.is_visible() for r in rows.all())
     assert problems == []
+
+
+def test_a_model_track_gallery_shows_generations_not_photos(tmp_path):
+    """The model track's defense is in the weights: its 'protected' photos are the
+    clean ones, and a gray perturbation would read as no protection."""
+    store = build_store(tmp_path / "store", identities=2, seeds=(0,))
+    rows = store.load()
+    rows["track"] = "model"
+    with_thumbnails(store, rows)
+    report = write_report(str(tmp_path / "store"), tmp_path / "report")
+    html = report.index.read_text()
+    names = {p.name.split("-", 1)[1] for p in (report.out / "images").iterdir()}
+    assert names and not any(n.startswith(("protected", "perturbation")) for n in names)
+    assert "the defense is not in the photos" in html and "perturbation ×" not in html

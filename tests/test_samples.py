@@ -61,6 +61,8 @@ def test_the_store_writes_reads_and_lists_thumbnails(tmp_path, uri):
     store.write(make_rows("a"), images=again)
     assert store.read_images("a") == again
     assert sorted(p.name for p in root.iterdir()) == ["a.images.parquet", "a.parquet", "b.parquet"]
+    store.write(make_rows("a"))  # a rerun without thumbnails leaves none of the old ones
+    assert store.image_ids() == set() and store.read_images("a") == {}
     with pytest.raises(ValueError, match="spec_id"):
         store.read_images("../escape")
 

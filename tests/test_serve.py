@@ -281,7 +281,7 @@ def test_evaluation_lifecycle_submit_poll_done_rows(service, photos):
     assert first.status_code == 200 and first.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(first.content)).size == (64, 64)
     images = f"{service}/v1/evaluations/{evaluation}/images"
-    for missing in ("2.png", "x.png", "0.jpg", "-1.png"):
+    for missing in ("2.png", "x.png", "0.jpg", "-1.png", "\u00b2.png"):
         assert requests.get(f"{images}/{missing}", timeout=30).status_code == 404, missing
     unknown = f"{service}/v1/evaluations/0123456789abcdef/images/0.png"
     assert requests.get(unknown, timeout=30).status_code == 404

@@ -380,7 +380,7 @@ class ScoringService:
         if refused is not None:
             return refused
         k = name.removesuffix(".png")
-        if not name.endswith(".png") or not k.isdigit() or len(k) > 3:
+        if not name.endswith(".png") or not (k.isascii() and k.isdigit()) or len(k) > 3:
             return JSONResponse({"error": f"{name!r}: images are K.png"}, status_code=404)
         samples = await asyncio.to_thread(self.store.read_images, evaluation_id)
         generated = samples.get("generated", [])
