@@ -278,6 +278,7 @@ def build_boards(rows: pd.DataFrame, config: BoardsConfig) -> tuple[list[Board],
     rows = rows.copy()
     for column in (*BOARD_FIELDS, "defense", "defense_params", "countermeasure", "backend"):
         rows[column] = rows[column].fillna("").astype(str)
+    rows["identity"] = _people(rows)
     agg = rows[rows["image_index"] == AGGREGATE_INDEX]
     # experiments that did not run: failed, or a component unavailable here (its reason)
     failed = agg[agg["status"].isin([ERROR, UNAVAILABLE]) & (agg["metric"] == "")].copy()
@@ -388,6 +389,34 @@ def _board(
         ["spec_id", "config", "countermeasure", "identity", "person", "seed"]
     ].reset_index(drop=True)
     return board
+
+
+def _people(rows: pd.DataFrame) -> pd.Series:
+    """Each row's identity, told apart where one label names people of datasets with
+    different settings (synthetic datasets of several seeds all have synth-0000):
+    ``synth-0000 [seed=3]``. Otherwise the label as it is."""
+    identity = rows["identity"].fillna("").astype(str)
+    if "spec_json" not in rows or rows.empty:
+        return identity
+    per_spec = rows.drop_duplicates("spec_id").set_index("spec_id")["spec_json"]
+    dataset = rows["spec_id"].map(per_spec.map(_dataset_of))
+    ambiguous = dataset.groupby(identity).transform("nunique") > 1
+    if not ambiguous.any():
+        return identity
+    labels = {d: _settings(d) for d in dataset[ambiguous].unique()}
+    return identity.where(~ambiguous, identity + " [" + dataset.map(labels) + "]")
+
+
+def _settings(dataset_json: str) -> str:
+    """``seed=3`` of a dataset spec's JSON (its parameters, without the name)."""
+    try:
+        spec = json.loads(dataset_json)
+    except ValueError:
+        return dataset_json
+    if not isinstance(spec, dict):
+        return str(spec)
+    settings = ", ".join(f"{k}={v}" for k, v in sorted(spec.items()) if k != "name")
+    return settings or str(spec.get("name", ""))
 
 
 def _dataset_of(spec_json: Any) -> str:

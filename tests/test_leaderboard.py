@@ -356,3 +356,21 @@ def test_per_backend_bounds_are_checked_when_loaded(tmp_path):
     bad.write_text("defaults:\n  attack_failed_by_backend:\n    offline: {ism: {under: 0.9}}\n")
     with pytest.raises(SpecError, match="attack_failed_by_backend.offline.ism"):
         load_boards(bad)
+
+
+def test_people_of_datasets_with_other_settings_are_not_averaged_together(tmp_path):
+    """Two synthetic datasets (seeds 0 and 1) both call their people id-0, id-1, ...:
+    each is a person of their own on the board."""
+    store = build_store(tmp_path / "one", identities=3, seeds=(0,))
+    rows = store.load()
+    both = []
+    for seed in (0, 1):
+        copy = rows.copy()
+        copy["spec_json"] = json.dumps({"dataset": {"name": "synthetic", "seed": seed}})
+        copy["spec_id"] = copy["spec_id"] + f"-{seed}"
+        both.append(copy)
+    (board,), _ = build_boards(pd.concat(both, ignore_index=True), load_boards())
+    assert set(board.table["identities"]) == {6}
+    assert "id-0 [seed=1]" in set(board.identities["identity"])
+    (single,), _ = build_boards(both[0], load_boards())  # one dataset: labels as they are
+    assert set(single.identities["identity"]) == {"id-0", "id-1", "id-2"}

@@ -212,8 +212,8 @@ def test_people_of_two_datasets_with_the_same_labels_are_told_apart(tmp_path):
     assert len(people) == 2 and len({person for person, _ in people}) == 2
     html = report.index.read_text()
     assert html.count('class="who"') == 2
-    assert "identity <code>id-0</code> of synthetic (seed=0)" in html
-    assert "identity <code>id-1</code> of synthetic (seed=0)" in html
+    assert "identity <code>id-0 [seed=0]</code> of synthetic (seed=0)" in html
+    assert "identity <code>id-1 [seed=0]</code> of synthetic (seed=0)" in html
     # one gallery row per configuration (4), though three experiments share each key
     assert html.count("<tr data-config=") == 4 + 2 * 4  # the table's rows, two galleries
 
