@@ -12,13 +12,12 @@ to ``index.html``, so the page stays small and loads them lazily.
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
-from antipers.leaderboard import NO_COUNTERMEASURE, Board
+from antipers.leaderboard import NO_COUNTERMEASURE, Board, dataset_settings
 from antipers.results import ResultStore
 from antipers.samples import amplified
 
@@ -88,14 +87,8 @@ class _Writer:
 
 def _dataset_label(raw: str) -> str:
     """``synthetic (n_identities=8, seed=3)`` from the spec's dataset JSON."""
-    try:
-        spec = json.loads(raw)
-    except ValueError:
-        return raw
-    if not isinstance(spec, dict):
-        return str(spec)
-    params = ", ".join(f"{k}={v}" for k, v in sorted(spec.items()) if k != "name")
-    return f"{spec.get('name', '')} ({params})" if params else str(spec.get("name", ""))
+    name, settings = dataset_settings(raw)
+    return f"{name} ({settings})" if settings else name
 
 
 def chosen_people(board: Board, with_images: set[str], count: int = PER_BOARD) -> list[tuple]:

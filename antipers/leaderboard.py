@@ -407,16 +407,21 @@ def _people(rows: pd.DataFrame) -> pd.Series:
     return identity.where(~ambiguous, identity + " [" + dataset.map(labels) + "]")
 
 
-def _settings(dataset_json: str) -> str:
-    """``seed=3`` of a dataset spec's JSON (its parameters, without the name)."""
+def dataset_settings(dataset_json: str) -> tuple[str, str]:
+    """(name, ``seed=3, ...``) of a dataset spec's JSON."""
     try:
         spec = json.loads(dataset_json)
     except ValueError:
-        return dataset_json
+        return dataset_json, ""
     if not isinstance(spec, dict):
-        return str(spec)
+        return str(spec), ""
     settings = ", ".join(f"{k}={v}" for k, v in sorted(spec.items()) if k != "name")
-    return settings or str(spec.get("name", ""))
+    return str(spec.get("name", "")), settings
+
+
+def _settings(dataset_json: str) -> str:
+    name, settings = dataset_settings(dataset_json)
+    return settings or name
 
 
 def _dataset_of(spec_json: Any) -> str:
