@@ -204,23 +204,23 @@ def load_campaign(path: str | Path) -> Campaign:
             try:
                 spec = ExperimentSpec.from_dict(record)
             except SpecError as exc:
-                raise fail(_blame(str(exc), grids, defense, attack, chain), str(exc)) from None
+                raise fail(_blame(exc, grids, defense, attack, chain), str(exc)) from None
             specs.setdefault(spec.spec_id, spec)
     return Campaign(str(path), tuple(specs.values()))
 
 
 def _blame(
-    message: str, grids: dict[str, list[Any]], defense: Any, attack: Any, chain: Any
+    exc: SpecError, grids: dict[str, list[Any]], defense: Any, attack: Any, chain: Any
 ) -> tuple[Any, ...]:
-    """Which campaign entry a spec error came from, for its line number."""
-    head = message.split(":", 1)[0].split(" ")[0].split("[")[0]
-    for key, value in (("defense", defense), ("attack", attack), ("countermeasure", chain)):
-        if head == key:
+    """Which campaign entry a spec error came from (the field it names), for its line."""
+    key = exc.field
+    for name, value in (("defense", defense), ("attack", attack), ("countermeasure", chain)):
+        if key == name:
             plural = "countermeasures" if key == "countermeasure" else f"{key}s"
-            name = value.get("name") if isinstance(value, Mapping) else value
+            wanted = value.get("name") if isinstance(value, Mapping) else value
             for i, entry in enumerate(grids[plural]):
                 entry_name = entry.get("name") if isinstance(entry, Mapping) else entry
-                if entry == value or entry_name == name:
+                if entry == value or entry_name == wanted:
                     return (plural, i)
             return (plural,)
-    return (head,) if head in SHARED else ()
+    return (key,) if key in SHARED else ()

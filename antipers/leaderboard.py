@@ -151,6 +151,7 @@ class Board:
     failed: pd.DataFrame = field(default_factory=pd.DataFrame)  # its failed experiments
     # spec_id, config, countermeasure, identity, seed of every experiment with values
     experiments: pd.DataFrame = field(default_factory=pd.DataFrame)
+    backend_of: dict[str, str] = field(default_factory=dict)  # metric -> its backend
 
     @property
     def reliable(self) -> bool:
@@ -160,14 +161,7 @@ class Board:
     def title(self) -> str:
         k = self.key
         parts = [k["track"], k["dataset"], k["base_model"], k["attack"], k["protocol"]]
-        measured_by = next(
-            (
-                part.split(":")[0]
-                for part in k["backends"].split("; ")
-                if self.primary in part.split(": ")[-1].split(", ")
-            ),
-            None,
-        )
+        measured_by = self.backend_of.get(self.primary) if self.primary else None
         if measured_by:  # boards that differ only by backend must not read alike
             parts.append(f"{self.primary} by {measured_by}")
         return " · ".join(parts)
@@ -300,7 +294,13 @@ def build_boards(rows: pd.DataFrame, config: BoardsConfig) -> tuple[list[Board],
         key = dict(zip(BOARD_FIELDS, values[:-1], strict=True))
         key["backends"] = _measured_by(group)
         same = np.logical_and.reduce([failed[f] == key[f] for f in BOARD_FIELDS])
-        boards.append(_board(key, group, failed[same], config.rules_for(key)))
+        board = _board(key, group, failed[same], config.rules_for(key))
+        pairs = group[["backend", "metric"]].drop_duplicates().sort_values(["backend", "metric"])
+        first = pairs.drop_duplicates("metric")  # where several, the first by name, as listed
+        board.backend_of = {
+            m: b or "?" for m, b in zip(first["metric"], first["backend"], strict=True)
+        }
+        boards.append(board)
     return boards, failed.reset_index(drop=True)
 
 

@@ -33,7 +33,11 @@ class RegistryError(UserError, KeyError):
 
 
 class SpecError(UserError, ValueError):
-    """A spec that cannot describe an experiment; the message names the field."""
+    """A spec that cannot describe an experiment; the message names the field, and
+    ``field`` is the spec's top-level field it concerns (``defense``, ``seed``, ...) where
+    known, so a campaign can point at the line that set it."""
+
+    field: str | None = None
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ import copy
 import difflib
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,51 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 
+@contextmanager
+def _about(key: str) -> Iterator[None]:
+    """Tag a SpecError raised while ``key`` is parsed with that field (unless a deeper
+    parse already named one)."""
+    try:
+        yield
+    except SpecError as exc:
+        if exc.field is None:
+            exc.field = key
+        raise
+
+
+def _metrics(merged: Mapping[str, Any], given: bool) -> tuple[ComponentSpec, ...]:
+    metrics = merged["metrics"]
+    if not given and merged["track"] == "immunization":
+        metrics = IMMUNIZATION_METRICS
+    if isinstance(metrics, (str, Mapping)) or not isinstance(metrics, (list, tuple)):
+        raise SpecError(f"metrics: expected a list of metric names, got {metrics!r}")
+    if not metrics:
+        raise SpecError("metrics: name at least one metric (antipers list metrics)")
+    parsed = {ComponentSpec.parse(m, METRICS, f"metrics[{i}]") for i, m in enumerate(metrics)}
+    # order and repeats do not change the experiment, so they do not change spec_id
+    return tuple(sorted(parsed, key=lambda c: canonical_json(c.to_dict())))
+
+
+def _scalar(key: str, value: Any) -> Any:
+    """A plain field, coerced and checked."""
+    if key in ("identity", "suite", "protocol", "track"):
+        value = coerce(value, str, key)
+    else:
+        value = coerce(value, int, key)
+    try:  # identity and suite reach paths: dataset folders, a search's storage
+        if key == "identity":
+            check_name(value, "identity", strict=False)
+        elif key == "suite":
+            check_name(value, "suite")
+    except ValueError as exc:
+        raise SpecError(str(exc)) from None
+    if key == "track" and value not in TRACKS:
+        raise SpecError(f"track: expected one of {', '.join(TRACKS)}, got {value!r}")
+    if key == "resolution" and (value < 8 or value % 8):
+        raise SpecError(f"resolution: expected a positive multiple of 8, got {value}")
+    return value
+
+
 def _check_fits_track(kwargs: dict[str, Any]) -> None:
     """A defense runs on the tracks it declares (``TRACKS``; all when it declares none)
     and may refuse an attack it cannot work with (IDDM: too few steps for its rounds);
@@ -130,21 +176,29 @@ def _check_fits_track(kwargs: dict[str, Any]) -> None:
     defense = kwargs["defense"].build(DEFENSES)
     tracks = getattr(defense, "TRACKS", None)
     if tracks and kwargs["track"] not in tracks:
-        raise SpecError(
+        raise _tagged(
+            "defense",
             f"defense {kwargs['defense'].name!r} runs on the {' or '.join(tracks)} track, "
-            f"not {kwargs['track']!r}: set track: {tracks[0]}"
+            f"not {kwargs['track']!r}: set track: {tracks[0]}",
         )
     for metric in kwargs["metrics"]:
         if kwargs["track"] != "image" and getattr(METRICS.get(metric.name), "compares_photos", 0):
-            raise SpecError(
+            raise _tagged(
+                "metrics",
                 f"metrics: {metric.name!r} compares protected photos with their originals; "
-                f"on the {kwargs['track']} track no defense changes the published photos"
+                f"on the {kwargs['track']} track no defense changes the published photos",
             )
     if hasattr(defense, "check_attack"):
         try:
             defense.check_attack(kwargs["attack"].build(ATTACKS))
         except ValueError as exc:
-            raise SpecError(f"defense {kwargs['defense'].name!r}: {exc}") from exc
+            raise _tagged("defense", f"defense {kwargs['defense'].name!r}: {exc}") from exc
+
+
+def _tagged(key: str, message: str) -> SpecError:
+    error = SpecError(message)
+    error.field = key
+    return error
 
 
 @dataclass(frozen=True)
@@ -182,40 +236,23 @@ class ExperimentSpec:
         if missing:
             raise SpecError(f"spec is missing required field(s): {', '.join(missing)}")
         merged = {**_DEFAULTS, **data}
-        kwargs: dict[str, Any] = {
-            key: ComponentSpec.parse(merged[key], reg, key) for key, reg in _COMPONENTS.items()
-        }
-        kwargs["countermeasure"] = ComponentSpec.parse_chain(
-            merged["countermeasure"], COUNTERMEASURES, "countermeasure"
-        )
-        metrics = merged["metrics"]
-        if "metrics" not in data and merged["track"] == "immunization":
-            metrics = IMMUNIZATION_METRICS
-        if isinstance(metrics, (str, Mapping)) or not isinstance(metrics, (list, tuple)):
-            raise SpecError(f"metrics: expected a list of metric names, got {metrics!r}")
-        if not metrics:
-            raise SpecError("metrics: name at least one metric (antipers list metrics)")
-        parsed = {ComponentSpec.parse(m, METRICS, f"metrics[{i}]") for i, m in enumerate(metrics)}
-        # order and repeats do not change the experiment, so they do not change spec_id
-        kwargs["metrics"] = tuple(sorted(parsed, key=lambda c: canonical_json(c.to_dict())))
-        kwargs["identity"] = coerce(merged["identity"], str, "identity")
-        kwargs["suite"] = coerce(merged["suite"], str, "suite")
-        try:  # both reach paths: dataset folders, a search's storage
-            check_name(kwargs["identity"], "identity", strict=False)
-            check_name(kwargs["suite"], "suite")
-        except ValueError as exc:
-            raise SpecError(str(exc)) from None
-        kwargs["protocol"] = coerce(merged["protocol"], str, "protocol")
-        kwargs["track"] = coerce(merged["track"], str, "track")
-        if kwargs["track"] not in TRACKS:
-            raise SpecError(f"track: expected one of {', '.join(TRACKS)}, got {kwargs['track']!r}")
-        _check_fits_track(kwargs)
-        kwargs["seed"] = coerce(merged["seed"], int, "seed")
-        kwargs["resolution"] = coerce(merged["resolution"], int, "resolution")
-        if kwargs["resolution"] < 8 or kwargs["resolution"] % 8:
-            raise SpecError(
-                f"resolution: expected a positive multiple of 8, got {merged['resolution']}"
+        kwargs: dict[str, Any] = {}
+        for key, reg in _COMPONENTS.items():
+            with _about(key):
+                kwargs[key] = ComponentSpec.parse(merged[key], reg, key)
+        with _about("countermeasure"):
+            kwargs["countermeasure"] = ComponentSpec.parse_chain(
+                merged["countermeasure"], COUNTERMEASURES, "countermeasure"
             )
+        with _about("metrics"):
+            kwargs["metrics"] = _metrics(merged, "metrics" in data)
+        for key in ("identity", "suite", "protocol", "track"):
+            with _about(key):
+                kwargs[key] = _scalar(key, merged[key])
+        _check_fits_track(kwargs)
+        for key in ("seed", "resolution"):
+            with _about(key):
+                kwargs[key] = _scalar(key, merged[key])
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:

@@ -298,3 +298,10 @@ def test_a_model_track_gallery_shows_generations_not_photos(tmp_path):
     names = {p.name.split("-", 1)[1] for p in (report.out / "images").iterdir()}
     assert names and not any(n.startswith(("protected", "perturbation")) for n in names)
     assert "the defense is not in the photos" in html and "perturbation ×" not in html
+
+
+def test_boards_that_differ_by_backend_say_which_measured_the_ranking(written):
+    titles = sorted(board.title for board in written.boards)
+    assert titles[0].endswith("ism by insightface-buffalo_l")
+    assert titles[1].endswith("ism by offline") and len(set(titles)) == 2
+    assert {b.backend_of["psnr"] for b in written.boards} == {"antipers"}
