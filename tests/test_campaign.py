@@ -80,7 +80,7 @@ def test_shipped_campaigns_load_with_the_sizes_their_headers_state(name):
     campaign = load_campaign(path)
     specs = campaign.specs
     people = {(s.dataset.kwargs.get("seed", 0), s.identity) for s in specs}
-    expected = {"demo": 3, "validity": 120, "validity-iddm": 24}.get(name, 8)
+    expected = {"demo": 3, "validity": 144, "validity-iddm": 24}.get(name, 8)
     assert len(people) == expected
     if name == "validity-model":  # APDM against both attackers, on the model track
         assert {s.track for s in specs} == {"model"}
