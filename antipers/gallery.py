@@ -132,13 +132,7 @@ def board_galleries(
         rows = []
         for _, line in board.table.iterrows():
             config = line["config"]
-            runs = dict(
-                zip(
-                    mine.loc[mine["config"] == config, "countermeasure"],
-                    mine.loc[mine["config"] == config, "spec_id"],
-                    strict=True,
-                )
-            )
+            runs = mine[mine["config"] == config].set_index("countermeasure")["spec_id"].to_dict()
             plain = runs.get(NO_COUNTERMEASURE)
             row = ConfigRow(config)
             if plain is not None:
