@@ -4,6 +4,7 @@ memory is its own) and the peak-memory reading for the device in use."""
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -59,9 +60,17 @@ def emit(result: dict[str, Any]) -> None:
     print(MARK + json.dumps(result), flush=True)
 
 
-def in_child(script: str, args: list[str]) -> dict[str, Any] | None:
-    """Run ``script`` with ``args`` in a fresh interpreter; its emitted result or None."""
-    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+def in_child(
+    script: str, args: list[str], env: dict[str, str] | None = None
+) -> dict[str, Any] | None:
+    """Run ``script`` with ``args`` (and ``env`` over this environment) in a fresh
+    interpreter; its emitted result or None."""
+    out = subprocess.run(
+        [sys.executable, script, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith(MARK)), None)
     if out.returncode != 0 or line is None:
         print(f"{' '.join(args)} failed:\n{out.stderr[-2000:]}", file=sys.stderr)

@@ -7,10 +7,16 @@ synthetic identity (4 photos), with a few iterations; the time per iteration (me
 is extrapolated to the protocol's counts (ASPL family: 50 iterations; FSMG family:
 1000 fine-tuning + 100 PGD steps; APDM: 800 iterations of 20 inner steps, on 4 paired
 images made with 2 sampler steps). ``aspl-deepcopy`` is ASPL as the reference code
-runs it: a fresh deep copy of the UNet and text encoder every iteration.
+runs it: a fresh deep copy of the UNet and text encoder every iteration, in bf16 weights
+as the reference casts them (``aspl-deepcopy-fp32``: the same in fp32). Ratios are
+against ``aspl-deepcopy`` in the same run. Rows of the full-weight defenses repeat per
+memory plan (``--memory plain lean``: ``ANTIPERS_MEMORY`` in the child), and a large
+model's ASPL row prints where its peak's bytes go.
 
-    python benchmarks/defenses.py                                 # tiny at 64 px
-    python benchmarks/defenses.py --models sd21-arch --resolution 512 --iterations 2
+    python benchmarks/defenses.py --defenses aspl aspl-deepcopy aspl-deepcopy-fp32 \\
+        --iterations 5 --repeats 3                                  # the time goal, tiny
+    python benchmarks/defenses.py --models sd21-arch --resolution 512 --iterations 1 \\
+        --short --defenses aspl aspl-lora --memory lean            # memory at SD scale
     python benchmarks/defenses.py --models tiny sd15-arch --defenses apdm
 """
 
@@ -18,10 +24,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import time
 from dataclasses import dataclass
 
+import psutil
 import torch
 from _harness import emit, in_child, peak_gib, reset_peak
 
@@ -29,12 +37,14 @@ from antipers.data.synthetic import SyntheticDataset
 from antipers.defenses.aspl import ASPL
 from antipers.defenses.base import Protected
 from antipers.defenses.pgd import project_png
+from antipers.defenses.snapshots import LEAN_FROM, MODES, MemoryPlan
 from antipers.defenses.surrogate import Surrogate, trainable_parameters
 from antipers.defenses.surrogate_pgd import RunState
 from antipers.device import pick_device
 from antipers.registry import BASE_MODELS, DEFENSES
 
-ITERATIVE = ("aspl", "simac", "cap-aspl", "cap-simac", "aspl-deepcopy")
+ITERATIVE = ("aspl", "simac", "cap-aspl", "cap-simac", "aspl-deepcopy", "aspl-deepcopy-fp32")
+FULL_WEIGHT = ("aspl", "simac", "cap-aspl", "cap-simac")  # rows per memory plan
 ONE_SHOT = ("fsmg", "cap-fsmg")
 MODEL_TRACK = ("apdm",)
 PROTOCOL_ITERATIONS, PROTOCOL_FINETUNE, PROTOCOL_PGD = 50, 1000, 100
@@ -43,36 +53,42 @@ PROTOCOL_APDM = 800
 
 @dataclass(frozen=True)
 class DeepCopyASPL(ASPL):
-    """The reference scheme: f_sur = deepcopy(f) every iteration (for comparison only)."""
+    """The reference scheme (for comparison only): f loaded as its own copy, then a
+    deep copy f_sur = deepcopy(f) every iteration, prior preservation on the same class
+    images; in bf16 weights as the reference casts them (``attacks/aspl.py`` sets
+    ``weight_dtype = torch.bfloat16`` in ``train_one_epoch``), or fp32."""
+
+    dtype: str = "bf16"
 
     def protect(self, identity, bundle, generator):  # type: ignore[no-untyped-def]
         reference, clean = identity.set_A.to(bundle.device), identity.set_B.to(bundle.device)
         x, state = clean.clone(), RunState()
+        prior = self.class_prior(bundle, clean.shape[-1])
         f = bundle.copy_of("unet", "text_encoder")
+        half = self.dtype == "bf16"
+        if half:
+            for part in ("vae", "unet", "text_encoder"):
+                setattr(f, part, getattr(f, part).to(torch.bfloat16))
         for part in ("unet", "text_encoder"):
             getattr(f, part).requires_grad_(True)
-        f_surrogate = Surrogate(
-            f,
-            self.build_surrogate_attack(),
-            trainable_parameters(f),
-            self.instance_prompt,
-            offload=False,
-        )
-        for it in range(self.iterations):
-            copy = f.copy_of("unet", "text_encoder")
-            sur = Surrogate(
-                copy,
-                f_surrogate.attack,
-                trainable_parameters(copy),
-                self.instance_prompt,
-                offload=False,
-            )
-            sur.train(reference, self.surrogate_steps, generator)
-            x = self.attack_step(sur, x, clean, identity, bundle, generator, it, state)
-            del sur, copy
-            f_surrogate.train(x, self.surrogate_steps, generator)
-            logging.getLogger("antipers.defenses").info("deepcopy iteration %d", it + 1)
-        return Protected(project_png(x, clean, self.eps).cpu(), bundle, log=state)
+
+        def surrogate(model):  # type: ignore[no-untyped-def]
+            params = trainable_parameters(model)
+            attack = self.build_surrogate_attack()
+            return Surrogate(model, attack, params, self.instance_prompt, MemoryPlan(), prior)
+
+        cast = torch.autocast(bundle.device.type, torch.bfloat16, enabled=half)
+        with cast:
+            f_surrogate = surrogate(f)
+            for it in range(self.iterations):
+                copy = f.copy_of("unet", "text_encoder")
+                sur = surrogate(copy)
+                sur.train(reference, self.surrogate_steps, generator)
+                x = self.attack_step(sur, x, clean, identity, f, generator, it, state)
+                del sur, copy
+                f_surrogate.train(x, self.surrogate_steps, generator)
+                logging.getLogger("antipers.defenses").info("deepcopy iteration %d", it + 1)
+        return Protected(project_png(x.float(), clean, self.eps).cpu(), bundle, log=state)
 
     def build_surrogate_attack(self):  # type: ignore[no-untyped-def]
         from antipers.attacks.dreambooth import DreamBooth
@@ -94,42 +110,92 @@ class Stamps(logging.Handler):
         self.times.append((time.perf_counter(), record.getMessage()))
 
 
-def run_one(model: str, name: str, resolution: int, iterations: int) -> dict:
+def run_one(model: str, name: str, args: argparse.Namespace) -> dict:
     device = pick_device()
     bundle = BASE_MODELS.build(model).load(device)
-    person = SyntheticDataset(n_identities=1).load("synth-0000", resolution)
-    if name == "aspl-deepcopy":
-        defense = DeepCopyASPL(iterations=iterations)
+    person = SyntheticDataset(n_identities=1).load("synth-0000", args.resolution)
+    iterations = args.iterations
+    # class images are made once per class and shared by every identity (the reference
+    # reads them from class_data_dir): few, cheaply made, the same for every row. A
+    # surrogate step uses one whichever the count, so the per-iteration cost is the same.
+    classes = {"num_class_images": 4, "class_steps": 2}
+    common = dict(classes)
+    if args.short:
+        common |= {"surrogate_steps": 1, "pgd_steps": 1}
+    if name.startswith("aspl-deepcopy"):
+        dtype = "fp32" if name.endswith("fp32") else "bf16"
+        defense = DeepCopyASPL(iterations=iterations, dtype=dtype, **common)
     elif name in ONE_SHOT:
-        defense = DEFENSES.build(name, {"finetune_steps": iterations, "pgd_steps": iterations})
-    elif name == "apdm":  # the protocol's 20 inner steps; few paired images, cheaply made
-        settings = {"iterations": iterations, "num_class_images": 4, "class_steps": 2}
-        defense = DEFENSES.build(name, settings)
+        steps = {"finetune_steps": iterations, "pgd_steps": iterations}
+        defense = DEFENSES.build(name, {**steps, **classes})
+    elif name == "apdm":  # the protocol's 20 inner steps
+        defense = DEFENSES.build(name, {"iterations": iterations, **classes})
+    elif name == "aspl-lora":
+        defense = DEFENSES.build("aspl", {"iterations": iterations, "surrogate": "lora", **common})
     else:
-        defense = DEFENSES.build(name, {"iterations": iterations})
+        defense = DEFENSES.build(name, {"iterations": iterations, **common})
     stamps = Stamps()
     logger = logging.getLogger("antipers.defenses")
     logger.setLevel(logging.INFO)
     logger.addHandler(stamps)
     reset_peak(device)
+    startup = time.time() - psutil.Process().create_time()  # interpreter, imports, load
     t0 = time.perf_counter()
     defense.protect(person, bundle, torch.Generator().manual_seed(0))
     total = time.perf_counter() - t0
-    marks = [t0] + [t for t, _ in stamps.times]
+    marks = [t for t, msg in stamps.times if "iteration" in msg] or [t for t, _ in stamps.times]
     if name in ONE_SHOT:  # one mark: fine-tuning done, then PGD until the end
-        finetune, pgd = marks[1] - t0, t0 + total - marks[1]
-        per = total / iterations
+        mark = stamps.times[0][0]
+        finetune, pgd = mark - t0, t0 + total - mark
+        per = setup = total / iterations
         protocol = finetune / iterations * PROTOCOL_FINETUNE + pgd / iterations * PROTOCOL_PGD
     else:
-        per = statistics.median(b - a for a, b in zip(marks, marks[1:], strict=False))
-        protocol = per * (PROTOCOL_APDM if name in MODEL_TRACK else PROTOCOL_ITERATIONS)
+        steps = [b - a for a, b in zip(marks, marks[1:], strict=False)]
+        per = statistics.median(steps) if steps else marks[0] - t0
+        setup = max(marks[0] - t0 - per, 0.0)  # class images, surrogate, first encodes
+        protocol = setup + per * (PROTOCOL_APDM if name in MODEL_TRACK else PROTOCOL_ITERATIONS)
+    trains_text = getattr(defense, "train_text_encoder", False)
+    parts = ("unet", "text_encoder") if trains_text else ("unet",)
     return {
         "device": str(device),
         "total_s": total,
         "per_iter_s": per,
-        "protocol_min": protocol / 60,
+        "resident_s": protocol,  # per identity with the model resident: no start-up
+        "identity_s": startup + protocol,  # per identity in its own process
         "peak_gib": peak_gib(device),
+        "weights_gib": gib(bundle, ("vae", "unet", "text_encoder")),
+        "trainable_gib": gib(bundle, parts),
+        "memory": os.environ.get("ANTIPERS_MEMORY", "auto"),
     }
+
+
+def gib(bundle, parts) -> float:  # type: ignore[no-untyped-def]
+    return (
+        sum(
+            p.numel() * p.element_size()
+            for part in parts
+            for p in getattr(bundle, part).parameters()
+        )
+        / 2**30
+    )
+
+
+def breakdown(model: str, r: dict) -> str:
+    """Where a full-weight surrogate's bytes go: exact sizes of what the algorithm must
+    hold, and the measured peak's remainder (activations, the runtime)."""
+    w, t = r["weights_gib"], r["trainable_gib"]
+    lean = r["snapshots"] == "disk"
+    held = {
+        "weights (VAE, UNet, text encoder)": w,
+        "AdamW moments (2 x trainable)": 2 * t,
+        "gradients (clipping needs all)": t,
+        "snapshots (base, iteration)": 0.0 if lean else 2 * t,
+    }
+    rest = r["peak_gib"] - sum(held.values())
+    lines = [f"{model} {r['memory']}: where {r['peak_gib']:.2f} GiB go"]
+    lines += [f"  {k:<36}{v:>8.2f}" for k, v in held.items()]
+    lines.append(f"  {'activations, runtime (the rest)':<36}{rest:>8.2f}")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -140,45 +206,81 @@ def main() -> None:
     parser.add_argument("--defenses", nargs="+", default=[*ITERATIVE, *ONE_SHOT, *MODEL_TRACK])
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument(
+        "--memory", nargs="+", default=["auto"], choices=MODES, help="ANTIPERS_MEMORY per row"
+    )
+    parser.add_argument(
+        "--short",
+        action="store_true",
+        help="1 surrogate step and 1 PGD step per phase: peak memory only (it does not "
+        "grow with the counts), times not comparable",
+    )
+    parser.add_argument("--repeats", type=int, default=1, help="runs per row (median)")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "DEFENSE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        emit(run_one(*args.one, args.resolution, args.iterations))
+        emit(run_one(*args.one, args))
         return
+    counts = "1+1+1 steps per iteration (memory only)" if args.short else "3+6+3 steps"
     print(
-        f"{args.resolution} px, 4 photos, {args.iterations} iterations measured "
-        f"(median per iteration), extrapolated to the protocol's counts"
+        f"{args.resolution} px, 4 photos, {args.iterations} iterations of {counts} measured "
+        f"(median per iteration, median of {args.repeats} runs), extrapolated to the "
+        "protocol's counts; 'identity s' includes the process's start-up, 'resident s' not"
     )
     print(
-        f"{'model':<11}{'defense':<15}{'device':<8}{'s/iter':>9}{'protocol min':>14}"
-        f"{'peak GiB':>10}{'mem x deepcopy':>16}"
+        f"{'model':<11}{'defense':<20}{'memory':<7}{'device':<7}{'s/iter':>8}"
+        f"{'identity s':>11}{'resident s':>11}{'peak GiB':>10}"
+        f"{'time x ref':>11}{'mem x ref':>10}"
     )
+    breakdowns = []
     for model in args.models:
-        results = {
-            name: in_child(
-                __file__,
-                [
-                    "--one",
-                    model,
-                    name,
-                    "--resolution",
-                    str(args.resolution),
-                    "--iterations",
-                    str(args.iterations),
-                ],
-            )
-            for name in args.defenses
-        }
-        naive = results.get("aspl-deepcopy")
-        for name, r in results.items():
+        results: dict[tuple[str, str], dict | None] = {}
+        for name in args.defenses:
+            for memory in args.memory if name in FULL_WEIGHT else args.memory[:1]:
+                runs = [
+                    in_child(
+                        __file__,
+                        ["--one", model, name, *child_args(args)],
+                        env={"ANTIPERS_MEMORY": memory},
+                    )
+                    for _ in range(args.repeats)
+                ]
+                ok = [r for r in runs if r is not None]
+                results[(name, memory)] = median_run(ok) if ok else None
+        naive = next((r for (n, _), r in results.items() if n == "aspl-deepcopy" and r), None)
+        for (name, memory), r in results.items():
             if r is None:
-                print(f"{model:<11}{name:<15}failed")
+                print(f"{model:<11}{name:<20}{memory:<7}failed")
                 continue
-            ratio = r["peak_gib"] / naive["peak_gib"] if naive else float("nan")
+            time_ratio = r["identity_s"] / naive["identity_s"] if naive else float("nan")
+            mem_ratio = r["peak_gib"] / naive["peak_gib"] if naive else float("nan")
             print(
-                f"{model:<11}{name:<15}{r['device']:<8}{r['per_iter_s']:>9.3f}"
-                f"{r['protocol_min']:>14.2f}{r['peak_gib']:>10.2f}{ratio:>16.2f}"
+                f"{model:<11}{name:<20}{memory:<7}{r['device']:<7}{r['per_iter_s']:>8.3f}"
+                f"{r['identity_s']:>11.1f}{r['resident_s']:>11.1f}{r['peak_gib']:>10.2f}"
+                f"{time_ratio:>11.2f}{mem_ratio:>10.2f}"
             )
+            if name == "aspl" and r["trainable_gib"] > 0.5:
+                r["snapshots"] = plan_of(r)
+                breakdowns.append(breakdown(model, r))
+    for text in breakdowns:
+        print("\n" + text)
+
+
+def plan_of(r: dict) -> str:
+    lean = r["memory"] == "lean" or (
+        r["memory"] == "auto" and r["trainable_gib"] * 2**30 >= LEAN_FROM
+    )
+    return "disk" if lean and r["device"] == "cpu" else "memory"
+
+
+def child_args(args: argparse.Namespace) -> list[str]:
+    out = ["--resolution", str(args.resolution), "--iterations", str(args.iterations)]
+    return out + (["--short"] if args.short else [])
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of median total time (its other numbers with it)."""
+    return sorted(runs, key=lambda r: r["total_s"])[len(runs) // 2]
 
 
 if __name__ == "__main__":

@@ -69,7 +69,15 @@ def test_bad_campaigns_are_refused_naming_line_and_field(tmp_path, change, expec
 
 
 @pytest.mark.parametrize(
-    "name", ["demo", "validity", "validity-model", "validity-iddm", "validity-persguard"]
+    "name",
+    [
+        "demo",
+        "validity",
+        "validity-model",
+        "validity-iddm",
+        "validity-persguard",
+        "validity-persguard-kinds",
+    ],
 )
 def test_shipped_campaigns_load_with_the_sizes_their_headers_state(name):
     from pathlib import Path
@@ -87,3 +95,8 @@ def test_shipped_campaigns_load_with_the_sizes_their_headers_state(name):
         assert {(s.defense.name, s.attack.name) for s in specs} == {
             (d, a) for d in ("none", "apdm") for a in ("dreambooth", "lora")
         }
+    if name == "validity-persguard-kinds":  # pattern with its control, and erasure
+        backdoors = {(s.defense.name, s.defense.kwargs.get("backdoor")) for s in specs}
+        assert backdoors == {("none", None), ("persguard", "pattern"), ("persguard", "erasure")}
+        controls = {s.defense["backdoor"] for s in specs if s.defense.kwargs.get("iterations") == 0}
+        assert controls == {"pattern"}

@@ -8,7 +8,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -38,14 +38,15 @@ class TrainConfig:
 
 @dataclass
 class TrainData:
-    """``class_posterior``: the class images already encoded, for a caller that trains
-    many short runs on one set of class images (a surrogate's 3-step phases)."""
+    """``posterior`` and ``class_posterior``: the images already encoded, for a caller
+    that trains many short runs on the same photos (a surrogate's 3-step phases)."""
 
     images: torch.Tensor
     prompt: str
     class_images: torch.Tensor | None = None
     class_prompt: str = ""
     class_posterior: Posterior | None = None
+    posterior: Posterior | None = None
 
 
 def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -65,6 +66,33 @@ def batch_indices(n: int, batch_size: int, generator: torch.Generator) -> Iterat
 
 
 @contextlib.contextmanager
+def checkpointed(modules: list[Any], on: bool = True) -> Iterator[None]:
+    """Activations recomputed in backward instead of stored, in diffusers and
+    transformers modules alike; switched off again after."""
+    if not on:
+        yield
+        return
+    for module in modules:
+        _checkpointing(module, True)
+    try:
+        yield
+    finally:
+        for module in modules:
+            _checkpointing(module, False)
+
+
+def _checkpointing(module: Any, on: bool) -> None:
+    verb = "enable" if on else "disable"
+    # diffusers; transformers (renamed to activation_checkpointing_* in 4.5x)
+    names = (f"{verb}_gradient_checkpointing", f"activation_checkpointing_{verb}")
+    for name in (*names, f"gradient_checkpointing_{verb}"):
+        if hasattr(module, name):
+            getattr(module, name)()
+            return
+    raise TypeError(f"{type(module).__name__} cannot checkpoint its activations")
+
+
+@contextlib.contextmanager
 def training_mode(
     bundle: DiffusionBundle, text_encoder: bool, checkpointing: bool
 ) -> Iterator[None]:
@@ -72,19 +100,12 @@ def training_mode(
     modules = [bundle.unet] + ([bundle.text_encoder] if text_encoder else [])
     for module in modules:
         module.train()
-    if checkpointing:
-        bundle.unet.enable_gradient_checkpointing()
-        if text_encoder:
-            bundle.text_encoder.gradient_checkpointing_enable()
     try:
-        yield
+        with checkpointed(modules, checkpointing):
+            yield
     finally:
         for module in modules:
             module.eval()
-        if checkpointing:
-            bundle.unet.disable_gradient_checkpointing()
-            if text_encoder:
-                bundle.text_encoder.gradient_checkpointing_disable()
 
 
 class _Embeds:
@@ -130,8 +151,12 @@ def finetune(
     has_class = data.class_images is not None or data.class_posterior is not None
     use_prior = config.prior_weight > 0 and has_class
     images = data.images.to(bundle.device)
+    if data.posterior is not None and len(data.posterior) != images.shape[0]:
+        raise ValueError(
+            f"posterior: {len(data.posterior)} encoded images for {images.shape[0]} photos"
+        )
     with torch.no_grad():
-        posterior = bundle.posterior(images)
+        posterior = data.posterior if data.posterior is not None else bundle.posterior(images)
         class_posterior = None
         if use_prior:
             class_posterior = data.class_posterior

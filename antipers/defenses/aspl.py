@@ -34,11 +34,15 @@ class ASPL(SurrogatePGD):
         x = clean.clone()
         state = RunState()
         with self.build_surrogate(bundle, generator, clean.shape[-1]) as surrogate:
+            encoded = surrogate.encode(reference)  # set_A never changes: encoded once
             for it in range(self.iterations):
-                before = surrogate.snapshot()
-                surrogate.train(reference, self.surrogate_steps, generator)  # f_sur: clean
-                x = self.attack_step(surrogate, x, clean, identity, bundle, generator, it, state)
-                surrogate.restore(before)
+                with surrogate.snapshot() as before:
+                    # f_sur: f trained on the clean photos, attacked, then f back
+                    surrogate.train(reference, self.surrogate_steps, generator, encoded)
+                    x = self.attack_step(
+                        surrogate, x, clean, identity, bundle, generator, it, state
+                    )
+                    surrogate.restore(before)
                 surrogate.train(x, self.surrogate_steps, generator)  # f: perturbed photos
                 log.info("%s iteration %d/%d", type(self).__name__, it + 1, self.iterations)
         return Protected(images=project_png(x, clean, self.eps).cpu(), bundle=bundle, log=state)

@@ -3,14 +3,15 @@
 ASPL's reference code deep-copies the UNet and text encoder every iteration. Here the
 full-weight surrogate *is* the resident base model, trained in place: an iteration
 snapshots and restores only the weights that train, and the original weights come
-back when the defense is done (also on error). Snapshots live on the CPU when the
-model is on a GPU, so GPU memory stays close to one model plus the optimizer state.
-A LoRA surrogate trains adapters on a copy of the UNet instead (its snapshots are
-tiny).
+back when the defense is done (also on error). Where the snapshots live, and whether
+its steps checkpoint activations, is the run's ``MemoryPlan`` (``snapshots.py``): on a
+GPU they live in host memory, and at SD scale on a CPU in a scratch file. A LoRA
+surrogate trains adapters on a copy of the UNet instead (its snapshots are tiny).
 
 Its steps train as Anti-DreamBooth's ``train_one_epoch`` does, by default: one instance
 photo and one class image per step, prior loss weight 1 (``ClassPrior``). The class
-images are encoded once, when the surrogate is built, not at every 3-step phase.
+images are encoded once, when the surrogate is built, and photos that do not change
+(ASPL's clean set_A) once per identity (``encode``), not at every 3-step phase.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from antipers.attacks.dreambooth import DreamBooth
 from antipers.attacks.lora import LoRADreamBooth
 from antipers.attacks.personalize import Personalization
 from antipers.attacks.training import TrainData, finetune
+from antipers.defenses.snapshots import MemoryPlan, Snapshot
 from antipers.models.bundle import DiffusionBundle, Posterior
 
 SurrogateKind = Literal["dreambooth", "lora"]
@@ -69,11 +71,11 @@ class Surrogate:
     attack: Personalization
     trainable: dict[str, torch.nn.Parameter]
     prompt: str
-    offload: bool = True
+    plan: MemoryPlan = MemoryPlan()
     prior: ClassPrior | None = None
     batch_size: int | None = 1
     frozen_base: DiffusionBundle | None = None  # the untrained model, where EOT needs it
-    _original: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    _original: Snapshot | None = field(default=None, repr=False)
 
     @classmethod
     def build(
@@ -84,7 +86,7 @@ class Surrogate:
         train_text_encoder: bool,
         prompt: str,
         generator: torch.Generator,
-        offload: bool = True,
+        plan: MemoryPlan | None = None,
         prior: ClassPrior | None = None,
         batch_size: int | None = 1,
     ) -> Surrogate:
@@ -99,7 +101,7 @@ class Surrogate:
             attack: Personalization = LoRADreamBooth(**common)
             bundle, _ = attack.trainable(base, generator)
             params = trainable_parameters(bundle)
-            return cls(bundle, attack, params, prompt, offload, prior, batch_size)
+            return cls(bundle, attack, params, prompt, plan or MemoryPlan(), prior, batch_size)
         attack = DreamBooth(**common)
         parts = PARTS[: 2 if train_text_encoder else 1]
         params = {
@@ -107,7 +109,7 @@ class Surrogate:
             for part in parts
             for name, p in getattr(base, part).named_parameters()
         }
-        surrogate = cls(base, attack, params, prompt, offload, prior, batch_size)
+        surrogate = cls(base, attack, params, prompt, plan or MemoryPlan(), prior, batch_size)
         surrogate._original = surrogate.snapshot()  # before anything changes on the base
         for part in parts:
             getattr(base, part).requires_grad_(True)
@@ -124,35 +126,48 @@ class Surrogate:
     def close(self) -> None:
         """Give an in-place surrogate's weights back to the base model, frozen again."""
         if self._original is not None:
-            self.restore(self._original)
             for p in self.trainable.values():
                 p.grad = None  # an interrupted step must not leave gradients on the base
+            self.restore(self._original)
+            self._original.discard()
+            for p in self.trainable.values():
                 p.requires_grad_(False)
             self._original = None
 
-    def _store(self) -> torch.device:
-        return torch.device("cpu") if self.offload else self.bundle.device
+    def snapshot(self) -> Snapshot:
+        """Copies of the trainable weights only (never the VAE or other frozen parts),
+        where the plan keeps them."""
+        return Snapshot(self.trainable, self.plan.snapshots)
 
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        """Copies of the trainable weights only (never the VAE or other frozen parts)."""
-        store = self._store()
-        return {name: p.detach().to(store, copy=True) for name, p in self.trainable.items()}
+    def restore(self, snapshot: Snapshot) -> None:
+        snapshot.restore(self.trainable)
 
-    def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
+    def encode(self, images: torch.Tensor) -> Posterior:
+        """The VAE posterior of photos the surrogate will train on more than once."""
         with torch.no_grad():
-            for name, p in self.trainable.items():
-                p.copy_(snapshot[name])
+            return self.bundle.posterior(images.detach().to(self.bundle.device))
 
-    def train(self, images: torch.Tensor, steps: int, generator: torch.Generator) -> list[float]:
+    def train(
+        self,
+        images: torch.Tensor,
+        steps: int,
+        generator: torch.Generator,
+        posterior: Posterior | None = None,
+    ) -> list[float]:
+        """``posterior``: ``images`` already encoded (``encode``), when they repeat."""
         if steps <= 0:
             return []
         config = self.attack.train_config()
         batch = len(images) if self.batch_size is None else min(self.batch_size, len(images))
         prior_weight = self.prior.weight if self.prior is not None else 0.0
         config = dataclasses.replace(
-            config, steps=steps, batch_size=batch, prior_weight=prior_weight
+            config,
+            steps=steps,
+            batch_size=batch,
+            prior_weight=prior_weight,
+            gradient_checkpointing=config.gradient_checkpointing or self.plan.checkpointing,
         )
-        data = TrainData(images.detach(), self.prompt)
+        data = TrainData(images.detach(), self.prompt, posterior=posterior)
         if self.prior is not None:
             data.class_posterior, data.class_prompt = self.prior.posterior, self.prior.prompt
         return finetune(

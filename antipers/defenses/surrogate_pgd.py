@@ -18,9 +18,11 @@ import torch
 
 from antipers.attacks.class_images import ClassImageSettings
 from antipers.attacks.countermeasures import AttackEnv
+from antipers.attacks.training import checkpointed
 from antipers.data.identity import IdentitySet
 from antipers.defenses.objectives import denoising_objective
 from antipers.defenses.pgd import Objective, PGDConfig, eot_entry, eot_transforms, pgd
+from antipers.defenses.snapshots import MemoryPlan, parameter_bytes
 from antipers.defenses.surrogate import ClassPrior, Surrogate, SurrogateKind, frozen_copy
 from antipers.models.bundle import DiffusionBundle
 
@@ -83,15 +85,29 @@ class SurrogatePGD(ClassImageSettings):
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"eot[{i}] ({name}): {exc}") from None
 
+    def class_prior(self, bundle: DiffusionBundle, resolution: int) -> ClassPrior | None:
+        """The base model's class images, encoded before it trains (None without prior)."""
+        if self.prior_weight <= 0:
+            return None
+        images = self.generic_images(bundle, resolution)
+        with torch.no_grad():
+            return ClassPrior(bundle.posterior(images), self.class_prompt, self.prior_weight)
+
     def build_surrogate(
         self, bundle: DiffusionBundle, generator: torch.Generator, resolution: int
     ) -> Surrogate:
-        prior = None
-        if self.prior_weight > 0:  # the base model's class images, before it trains
-            images = self.generic_images(bundle, resolution)
-            with torch.no_grad():
-                prior = ClassPrior(bundle.posterior(images), self.class_prompt, self.prior_weight)
+        prior = self.class_prior(bundle, resolution)
         purifies = any(eot_entry(e)[0] == "purify" for e in self.eot)
+        parts = ("unet", "text_encoder") if self.train_text_encoder else ("unet",)
+        weights = {
+            f"{part}.{n}": p for part in parts for n, p in getattr(bundle, part).named_parameters()
+        }
+        full_weight = self.surrogate == "dreambooth"
+        plan = MemoryPlan.choose(
+            bundle.device,
+            parameter_bytes(weights) if full_weight else 0,
+            self.offload_snapshots,
+        )
         surrogate = Surrogate.build(
             bundle,
             self.surrogate,
@@ -99,7 +115,7 @@ class SurrogatePGD(ClassImageSettings):
             self.train_text_encoder,
             self.instance_prompt,
             generator,
-            offload=self.offload_snapshots and bundle.device.type == "cuda",
+            plan=plan,
             prior=prior,
             batch_size=self.surrogate_batch,
         )
@@ -152,4 +168,7 @@ class SurrogatePGD(ClassImageSettings):
             state.pgd_steps_done += 1
             return loss
 
-        return pgd(x, clean, counted, config, generator, eot_transforms(self.eot, env))
+        # the lean plan recomputes the UNet's and the VAE's activations in backward
+        modules = [surrogate.bundle.unet, surrogate.bundle.vae]
+        with checkpointed(modules, surrogate.plan.checkpointing):
+            return pgd(x, clean, counted, config, generator, eot_transforms(self.eot, env))

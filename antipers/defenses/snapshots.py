@@ -1,0 +1,169 @@
+"""Exact copies of a surrogate's trainable weights, kept where memory is cheapest, and
+the memory plan that chooses where.
+
+An in-place surrogate needs its weights back bit for bit: after each ASPL iteration's
+f_sur phase, and when the defense ends. At SD 2.1 scale one copy of the UNet and text
+encoder is 4.8 GB in float32, and ASPL holds two (the base model's, the iteration's).
+``device`` keeps a copy beside the weights; ``cpu`` in host memory (the GPU default);
+``disk`` in a scratch file that a restore reads back one tensor at a time, so a copy
+costs no memory at all (the CPU default at that scale). Every place restores exactly.
+
+The plan never changes a number (tested: the lean plan's protected photos equal the
+plain plan's bitwise), which is why it is a property of the run, not of the spec:
+``ANTIPERS_MEMORY=plain|lean|auto`` (auto: lean once the trainable weights pass
+``LEAN_FROM`` bytes). Lean also turns on gradient checkpointing in the surrogate's
+steps, which recomputes activations instead of storing them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import weakref
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Literal
+
+import torch
+
+Place = Literal["device", "cpu", "disk"]
+PLACES: tuple[Place, ...] = ("device", "cpu", "disk")
+MODES = ("auto", "plain", "lean")
+LEAN_FROM = 1 << 30  # bytes of trainable weights: SD's UNet is 3.5 GB, mini-faces' 60 MB
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    snapshots: Place = "device"
+    checkpointing: bool = False
+
+    @classmethod
+    def choose(cls, device: torch.device, trainable_bytes: int, offload: bool = True) -> MemoryPlan:
+        """``ANTIPERS_MEMORY`` (default auto), for weights of ``trainable_bytes`` on
+        ``device``; ``offload`` (the defense's ``offload_snapshots``) sends a GPU run's
+        snapshots to host memory even under the plain plan."""
+        mode = os.environ.get("ANTIPERS_MEMORY", "auto").strip().lower() or "auto"
+        if mode not in MODES:
+            raise ValueError(f"ANTIPERS_MEMORY: expected one of {', '.join(MODES)}, got {mode!r}")
+        lean = mode == "lean" or (mode == "auto" and trainable_bytes >= LEAN_FROM)
+        on_gpu = device.type != "cpu"
+        if lean:
+            return cls("cpu" if on_gpu else "disk", checkpointing=True)
+        return cls("cpu" if on_gpu and offload else "device")
+
+
+def parameter_bytes(params: Mapping[str, torch.Tensor]) -> int:
+    return sum(p.numel() * p.element_size() for p in params.values())
+
+
+class Snapshot(Mapping[str, torch.Tensor]):
+    """Copies of ``params`` as they are now; ``restore`` writes them back, ``discard``
+    frees them (a context manager discards on exit). Reading an entry gives a tensor
+    on the CPU or the device (for tests and checks); restoring never needs one."""
+
+    def __init__(self, params: Mapping[str, torch.Tensor], place: Place) -> None:
+        if place not in PLACES:
+            raise ValueError(f"snapshot place: expected one of {PLACES}, got {place!r}")
+        self.place = place
+        self._layout = {n: (p.dtype, tuple(p.shape)) for n, p in params.items()}
+        self._copies: dict[str, torch.Tensor] = {}
+        self._file: _ScratchFile | None = None
+        if place == "disk":
+            self._file = _ScratchFile.write(params)
+        else:
+            target = torch.device("cpu") if place == "cpu" else None
+            for name, p in params.items():
+                self._copies[name] = p.detach().to(target or p.device, copy=True)
+
+    def restore(self, params: Mapping[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            if self._file is not None:
+                self._file.read_into(params)
+                return
+            for name, p in params.items():
+                p.copy_(self._copies[name])
+
+    def discard(self) -> None:
+        self._copies.clear()
+        if self._file is not None:
+            self._file.remove()
+            self._file = None
+
+    def __enter__(self) -> Snapshot:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.discard()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if self._file is not None:
+            dtype, shape = self._layout[name]
+            out = torch.empty(shape, dtype=dtype)
+            self._file.read_into({name: out})
+            return out
+        return self._copies[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._layout)
+
+    def __len__(self) -> int:
+        return len(self._layout)
+
+
+class _ScratchFile:
+    """Raw tensor bytes in one file under ``ANTIPERS_SCRATCH`` (default: the system's
+    temporary folder), removed on ``remove`` or when collected. Tensors are read back
+    through one reused host buffer, so a restore allocates one tensor's worth at most
+    (a safetensors or torch.load round trip would materialise a second full copy)."""
+
+    def __init__(self, path: Path, offsets: dict[str, tuple[int, int]]) -> None:
+        self.path, self.offsets = path, offsets
+        self._finalizer = weakref.finalize(self, _unlink, path)
+
+    @classmethod
+    def write(cls, params: Mapping[str, torch.Tensor]) -> _ScratchFile:
+        folder = os.environ.get("ANTIPERS_SCRATCH") or None
+        handle, name = tempfile.mkstemp(prefix="antipers-snapshot-", suffix=".bin", dir=folder)
+        offsets: dict[str, tuple[int, int]] = {}
+        try:
+            with os.fdopen(handle, "wb") as f:
+                for key, p in params.items():
+                    data = _bytes_of(p.detach().to("cpu"))
+                    offsets[key] = (f.tell(), data.numel())
+                    f.write(memoryview(data.numpy()))
+        except BaseException:
+            _unlink(Path(name))
+            raise
+        return cls(Path(name), offsets)
+
+    def read_into(self, params: Mapping[str, torch.Tensor]) -> None:
+        largest = max((self.offsets[k][1] for k in params), default=0)
+        buffer = torch.empty(largest, dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
+        with open(self.path, "rb", buffering=0) as f:
+            for key, p in params.items():
+                offset, size = self.offsets[key]
+                f.seek(offset)
+                done = 0
+                while done < size:  # one read returns at most ~2 GiB on Linux
+                    got = f.readinto(view[done:size])
+                    if not got:
+                        raise OSError(f"{self.path}: snapshot ends early at {key!r}")
+                    done += got
+                source = buffer[:size].view(p.dtype).view(p.shape)
+                p.copy_(source)
+
+    def remove(self) -> None:
+        self._finalizer()
+
+
+def _bytes_of(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _unlink(path: Path) -> None:
+    path.unlink(missing_ok=True)

@@ -1,0 +1,144 @@
+"""The memory plan: snapshots restore exactly wherever they live, and the lean plan
+(disk snapshots, gradient checkpointing, set_A encoded once) protects photos bit for
+bit as the plain plan does."""
+
+import glob
+import os
+
+import pytest
+import torch
+
+from antipers.data.synthetic import SyntheticDataset
+from antipers.defenses.snapshots import LEAN_FROM, MemoryPlan, Snapshot
+from antipers.images import quantize
+from antipers.registry import DEFENSES
+
+
+def _weights(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "a": torch.randn(3, 4, generator=g),
+        "b": torch.randn(5, generator=g).to(torch.bfloat16),
+        "empty": torch.empty(0, 2),
+        "c": torch.randint(-5, 5, (2, 2, 2), generator=g),
+    }
+
+
+@pytest.mark.parametrize("place", ["device", "cpu", "disk"])
+def test_snapshot_restores_every_tensor_bitwise(place, tmp_path, monkeypatch):
+    monkeypatch.setenv("ANTIPERS_SCRATCH", str(tmp_path))
+    params = _weights()
+    original = {k: v.clone() for k, v in params.items()}
+    snap = Snapshot(params, place)
+    with torch.no_grad():
+        for v in params.values():
+            v.add_(1) if v.numel() else None
+    assert not torch.equal(params["a"], original["a"])
+    assert torch.equal(snap["a"], original["a"])  # readable where it lives
+    snap.restore(params)
+    for k, v in params.items():
+        assert v.dtype == original[k].dtype
+        assert torch.equal(v, original[k]), k
+    files = glob.glob(str(tmp_path / "antipers-snapshot-*"))
+    assert len(files) == (1 if place == "disk" else 0)
+    snap.discard()
+    assert not glob.glob(str(tmp_path / "antipers-snapshot-*"))  # nothing left behind
+
+
+def test_disk_snapshot_is_removed_when_the_run_fails(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANTIPERS_SCRATCH", str(tmp_path))
+    with pytest.raises(RuntimeError), Snapshot(_weights(), "disk"):
+        assert glob.glob(str(tmp_path / "antipers-snapshot-*"))
+        raise RuntimeError("a step failed")
+    assert not glob.glob(str(tmp_path / "antipers-snapshot-*"))
+
+
+def test_truncated_disk_snapshot_is_an_error_not_silent_garbage(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANTIPERS_SCRATCH", str(tmp_path))
+    params = _weights()
+    snap = Snapshot(params, "disk")
+    (path,) = glob.glob(str(tmp_path / "antipers-snapshot-*"))
+    os.truncate(path, 10)
+    with pytest.raises(OSError, match="ends early"):
+        snap.restore(params)
+    snap.discard()
+
+
+def test_plan_chooses_by_size_device_and_environment(monkeypatch):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("ANTIPERS_MEMORY", raising=False)
+    assert MemoryPlan.choose(cpu, LEAN_FROM - 1) == MemoryPlan("device", False)
+    assert MemoryPlan.choose(cpu, LEAN_FROM) == MemoryPlan("disk", True)
+    assert MemoryPlan.choose(gpu, 10) == MemoryPlan("cpu", False)  # offload_snapshots
+    assert MemoryPlan.choose(gpu, 10, offload=False) == MemoryPlan("device", False)
+    assert MemoryPlan.choose(gpu, LEAN_FROM) == MemoryPlan("cpu", True)
+    monkeypatch.setenv("ANTIPERS_MEMORY", "lean")
+    assert MemoryPlan.choose(cpu, 10) == MemoryPlan("disk", True)
+    monkeypatch.setenv("ANTIPERS_MEMORY", "plain")
+    assert MemoryPlan.choose(cpu, LEAN_FROM) == MemoryPlan("device", False)
+    monkeypatch.setenv("ANTIPERS_MEMORY", "tiny")
+    with pytest.raises(ValueError, match="ANTIPERS_MEMORY: expected one of auto, plain, lean"):
+        MemoryPlan.choose(cpu, 10)
+
+
+@pytest.fixture(scope="module")
+def person():
+    person = SyntheticDataset(n_identities=1, photos_per_set=2).load("synth-0000", 32)
+    person.set_A, person.set_B = quantize(person.set_A), quantize(person.set_B)
+    return person
+
+
+@pytest.mark.parametrize(
+    ("name", "extra"), [("aspl", {}), ("simac", {}), ("aspl", {"surrogate": "lora"})]
+)
+def test_lean_plan_protects_bitwise_as_the_plain_plan(
+    name, extra, person, tiny_bundle, tmp_path, monkeypatch
+):
+    """Disk snapshots and gradient checkpointing recompute and store the same numbers
+    in another place, so nothing may move: equality is exact, not a tolerance. The text
+    encoder trains, so both of the surrogate's parts go through the snapshots."""
+    settings = {"iterations": 2, "pgd_steps": 2, "surrogate_steps": 2}
+    settings |= {"num_class_images": 2, "class_steps": 2, "surrogate_lr": 1e-3, **extra}
+    if name == "simac":
+        settings |= {"search_every": 1, "search_delta": 300}
+    monkeypatch.setenv("ANTIPERS_SCRATCH", str(tmp_path))
+    recomputed = []
+    real = torch.utils.checkpoint.checkpoint
+
+    def counting(*args, **kwargs):
+        recomputed.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    before = {k: v.clone() for k, v in tiny_bundle.unet.state_dict().items()}
+    out, checkpoints = {}, {}
+    for mode in ("plain", "lean"):
+        monkeypatch.setenv("ANTIPERS_MEMORY", mode)
+        recomputed.clear()
+        defense = DEFENSES.build(name, settings)
+        out[mode] = defense.protect(person, tiny_bundle, torch.Generator().manual_seed(0)).images
+        checkpoints[mode] = len(recomputed)
+    assert checkpoints["plain"] == 0 < checkpoints["lean"]  # lean did recompute
+    assert torch.equal(out["plain"], out["lean"])
+    assert not torch.equal(out["plain"], person.set_B)
+    after = tiny_bundle.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the base came back
+    assert not glob.glob(str(tmp_path / "antipers-snapshot-*"))
+
+
+def test_aspl_encodes_its_clean_photos_once_per_identity(person, tiny_bundle, monkeypatch):
+    calls = []
+    real = type(tiny_bundle).posterior
+
+    def spy(self, images):
+        calls.append(images.detach().clone())
+        return real(self, images)
+
+    monkeypatch.setattr(type(tiny_bundle), "posterior", spy)
+    settings = {"iterations": 3, "pgd_steps": 1, "surrogate_steps": 1, "prior_weight": 0}
+    DEFENSES.build("aspl", settings).protect(person, tiny_bundle, torch.Generator().manual_seed(0))
+    set_a = person.set_A.to(tiny_bundle.device)
+    assert sum(c.shape == set_a.shape and torch.equal(c, set_a) for c in calls) == 1
+    # the rest change: the perturbed photos once per f phase, and the photos under
+    # attack at each PGD step (with gradients)
+    assert len(calls) == 1 + 3 + 3
