@@ -75,6 +75,7 @@ def test_bad_campaigns_are_refused_naming_line_and_field(tmp_path, change, expec
         "validity",
         "validity-model",
         "validity-iddm",
+        "validity-iddm-more",
         "validity-persguard",
         "validity-persguard-kinds",
     ],
@@ -88,7 +89,8 @@ def test_shipped_campaigns_load_with_the_sizes_their_headers_state(name):
     campaign = load_campaign(path)
     specs = campaign.specs
     people = {(s.dataset.kwargs.get("seed", 0), s.identity) for s in specs}
-    expected = {"demo": 3, "validity": 144, "validity-iddm": 24}.get(name, 8)
+    expected = {"demo": 3, "validity": 144, "validity-iddm": 24, "validity-iddm-more": 48}
+    expected = expected.get(name, 8)
     assert len(people) == expected
     if name == "validity-model":  # APDM against both attackers, on the model track
         assert {s.track for s in specs} == {"model"}
@@ -100,3 +102,7 @@ def test_shipped_campaigns_load_with_the_sizes_their_headers_state(name):
         assert backdoors == {("none", None), ("persguard", "pattern"), ("persguard", "erasure")}
         controls = {s.defense["backdoor"] for s in specs if s.defense.kwargs.get("iterations") == 0}
         assert controls == {"pattern"}
+    if name == "validity-iddm-more":  # the same experiments as validity-iddm, more people
+        main = load_campaign(path.with_name("validity-iddm.yaml")).specs
+        ids = {s.spec_id for s in main}
+        assert all(s.override({"dataset.seed": 0}).spec_id in ids for s in specs)
