@@ -37,7 +37,7 @@ from antipers.data.synthetic import SyntheticDataset
 from antipers.defenses.aspl import ASPL
 from antipers.defenses.base import Protected
 from antipers.defenses.pgd import project_png
-from antipers.defenses.snapshots import LEAN_FROM, MODES, MemoryPlan
+from antipers.defenses.snapshots import MODES, MemoryPlan, parameter_bytes
 from antipers.defenses.surrogate import Surrogate, trainable_parameters
 from antipers.defenses.surrogate_pgd import RunState
 from antipers.device import pick_device
@@ -166,30 +166,28 @@ def run_one(model: str, name: str, args: argparse.Namespace) -> dict:
         "weights_gib": gib(bundle, ("vae", "unet", "text_encoder")),
         "trainable_gib": gib(bundle, parts),
         "memory": os.environ.get("ANTIPERS_MEMORY", "auto"),
+        # where a full-weight surrogate of this size keeps its snapshots in this run
+        "snapshots": MemoryPlan.choose(device, int(gib(bundle, parts) * 2**30)).snapshots,
     }
 
 
 def gib(bundle, parts) -> float:  # type: ignore[no-untyped-def]
-    return (
-        sum(
-            p.numel() * p.element_size()
-            for part in parts
-            for p in getattr(bundle, part).parameters()
-        )
-        / 2**30
-    )
+    weights = {
+        f"{part}.{n}": p for part in parts for n, p in getattr(bundle, part).named_parameters()
+    }
+    return parameter_bytes(weights) / 2**30
 
 
 def breakdown(model: str, r: dict) -> str:
     """Where a full-weight surrogate's bytes go: exact sizes of what the algorithm must
     hold, and the measured peak's remainder (activations, the runtime)."""
     w, t = r["weights_gib"], r["trainable_gib"]
-    lean = r["snapshots"] == "disk"
+    on_disk = r["snapshots"] == "disk"
     held = {
         "weights (VAE, UNet, text encoder)": w,
         "AdamW moments (2 x trainable)": 2 * t,
         "gradients (clipping needs all)": t,
-        "snapshots (base, iteration)": 0.0 if lean else 2 * t,
+        "snapshots (base, iteration)": 0.0 if on_disk else 2 * t,
     }
     rest = r["peak_gib"] - sum(held.values())
     lines = [f"{model} {r['memory']}: where {r['peak_gib']:.2f} GiB go"]
@@ -260,17 +258,9 @@ def main() -> None:
                 f"{time_ratio:>11.2f}{mem_ratio:>10.2f}"
             )
             if name == "aspl" and r["trainable_gib"] > 0.5:
-                r["snapshots"] = plan_of(r)
                 breakdowns.append(breakdown(model, r))
     for text in breakdowns:
         print("\n" + text)
-
-
-def plan_of(r: dict) -> str:
-    lean = r["memory"] == "lean" or (
-        r["memory"] == "auto" and r["trainable_gib"] * 2**30 >= LEAN_FROM
-    )
-    return "disk" if lean and r["device"] == "cpu" else "memory"
 
 
 def child_args(args: argparse.Namespace) -> list[str]:

@@ -41,9 +41,10 @@ class MemoryPlan:
 
     @classmethod
     def choose(cls, device: torch.device, trainable_bytes: int, offload: bool = True) -> MemoryPlan:
-        """``ANTIPERS_MEMORY`` (default auto), for weights of ``trainable_bytes`` on
-        ``device``; ``offload`` (the defense's ``offload_snapshots``) sends a GPU run's
-        snapshots to host memory even under the plain plan."""
+        """``ANTIPERS_MEMORY`` (default auto), for ``trainable_bytes`` of weights that
+        train on ``device`` (a LoRA surrogate's adapters are small: plain under auto);
+        ``offload`` (the defense's ``offload_snapshots``) sends a GPU run's snapshots to
+        host memory even under the plain plan."""
         mode = os.environ.get("ANTIPERS_MEMORY", "auto").strip().lower() or "auto"
         if mode not in MODES:
             raise ValueError(f"ANTIPERS_MEMORY: expected one of {', '.join(MODES)}, got {mode!r}")
@@ -66,7 +67,6 @@ class Snapshot(Mapping[str, torch.Tensor]):
     def __init__(self, params: Mapping[str, torch.Tensor], place: Place) -> None:
         if place not in PLACES:
             raise ValueError(f"snapshot place: expected one of {PLACES}, got {place!r}")
-        self.place = place
         self._layout = {n: (p.dtype, tuple(p.shape)) for n, p in params.items()}
         self._copies: dict[str, torch.Tensor] = {}
         self._file: _ScratchFile | None = None

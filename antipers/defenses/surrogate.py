@@ -28,7 +28,7 @@ from antipers.attacks.dreambooth import DreamBooth
 from antipers.attacks.lora import LoRADreamBooth
 from antipers.attacks.personalize import Personalization
 from antipers.attacks.training import TrainData, finetune
-from antipers.defenses.snapshots import MemoryPlan, Snapshot
+from antipers.defenses.snapshots import MemoryPlan, Snapshot, parameter_bytes
 from antipers.models.bundle import DiffusionBundle, Posterior
 
 SurrogateKind = Literal["dreambooth", "lora"]
@@ -86,7 +86,7 @@ class Surrogate:
         train_text_encoder: bool,
         prompt: str,
         generator: torch.Generator,
-        plan: MemoryPlan | None = None,
+        offload: bool = True,
         prior: ClassPrior | None = None,
         batch_size: int | None = 1,
     ) -> Surrogate:
@@ -101,7 +101,8 @@ class Surrogate:
             attack: Personalization = LoRADreamBooth(**common)
             bundle, _ = attack.trainable(base, generator)
             params = trainable_parameters(bundle)
-            return cls(bundle, attack, params, prompt, plan or MemoryPlan(), prior, batch_size)
+            plan = MemoryPlan.choose(base.device, parameter_bytes(params), offload)
+            return cls(bundle, attack, params, prompt, plan, prior, batch_size)
         attack = DreamBooth(**common)
         parts = PARTS[: 2 if train_text_encoder else 1]
         params = {
@@ -109,7 +110,8 @@ class Surrogate:
             for part in parts
             for name, p in getattr(base, part).named_parameters()
         }
-        surrogate = cls(base, attack, params, prompt, plan or MemoryPlan(), prior, batch_size)
+        plan = MemoryPlan.choose(base.device, parameter_bytes(params), offload)
+        surrogate = cls(base, attack, params, prompt, plan, prior, batch_size)
         surrogate._original = surrogate.snapshot()  # before anything changes on the base
         for part in parts:
             getattr(base, part).requires_grad_(True)

@@ -22,7 +22,6 @@ from antipers.attacks.training import checkpointed
 from antipers.data.identity import IdentitySet
 from antipers.defenses.objectives import denoising_objective
 from antipers.defenses.pgd import Objective, PGDConfig, eot_entry, eot_transforms, pgd
-from antipers.defenses.snapshots import MemoryPlan, parameter_bytes
 from antipers.defenses.surrogate import ClassPrior, Surrogate, SurrogateKind, frozen_copy
 from antipers.models.bundle import DiffusionBundle
 
@@ -98,16 +97,6 @@ class SurrogatePGD(ClassImageSettings):
     ) -> Surrogate:
         prior = self.class_prior(bundle, resolution)
         purifies = any(eot_entry(e)[0] == "purify" for e in self.eot)
-        parts = ("unet", "text_encoder") if self.train_text_encoder else ("unet",)
-        weights = {
-            f"{part}.{n}": p for part in parts for n, p in getattr(bundle, part).named_parameters()
-        }
-        full_weight = self.surrogate == "dreambooth"
-        plan = MemoryPlan.choose(
-            bundle.device,
-            parameter_bytes(weights) if full_weight else 0,
-            self.offload_snapshots,
-        )
         surrogate = Surrogate.build(
             bundle,
             self.surrogate,
@@ -115,7 +104,7 @@ class SurrogatePGD(ClassImageSettings):
             self.train_text_encoder,
             self.instance_prompt,
             generator,
-            plan=plan,
+            offload=self.offload_snapshots,
             prior=prior,
             batch_size=self.surrogate_batch,
         )
