@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from antipers.registry import SpecError
-from antipers.spec import load_mapping
+from antipers.spec_files import load_mapping
 
 MATCH_FIELDS = ("track", "dataset", "base_model", "attack", "protocol")
 DIRECTIONS = ("higher", "lower")

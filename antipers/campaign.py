@@ -26,6 +26,15 @@ from antipers.spec import ExperimentSpec
 SHARED = ("suite", "protocol", "track", "base_model", "sampling", "metrics", "resolution")
 GRIDS = ("datasets", "defenses", "countermeasures", "attacks", "seeds")
 KNOWN = (*SHARED, *GRIDS)
+# the grid that sets each spec field (an identity is chosen by its dataset entry)
+GRID_OF = {
+    "dataset": "datasets",
+    "identity": "datasets",
+    "defense": "defenses",
+    "countermeasure": "countermeasures",
+    "attack": "attacks",
+    "seed": "seeds",
+}
 
 
 class CampaignError(UserError, ValueError):
@@ -133,7 +142,7 @@ def _identities(entry: Any, where: str) -> tuple[Any, list[str]]:
 
 def load_campaign(path: str | Path) -> Campaign:
     """Every experiment of the campaign file, validated; raises CampaignError."""
-    from antipers.spec import load_mapping
+    from antipers.spec_files import load_mapping
 
     path = Path(path)
     try:
@@ -167,30 +176,29 @@ def load_campaign(path: str | Path) -> Campaign:
         if not value:
             raise fail((key,), "an empty list gives no experiments")
 
-    expanded: dict[str, list[Any]] = {}
+    # each grid's values with the index of the entry that gave them, for _blame
+    entries: dict[str, list[tuple[int, Any]]] = {}
     for key, registry in (("defenses", DEFENSES), ("attacks", ATTACKS)):
-        expanded[key] = []
+        entries[key] = []
         for i, entry in enumerate(grids[key]):
             try:
-                expanded[key] += list(_variants(entry, registry))
+                entries[key] += [(i, variant) for variant in _variants(entry, registry)]
             except SpecError as exc:
                 raise fail((key, i), str(exc)) from None
-    datasets = []
+    entries["datasets"] = []
     for i, entry in enumerate(grids["datasets"]):
         try:
-            datasets.append(_identities(entry, f"datasets[{i}]"))
+            entries["datasets"].append((i, _identities(entry, f"datasets[{i}]")))
         except (SpecError, ValueError, KeyError) as exc:
             raise fail(("datasets", i), str(exc)) from None
+    entries["countermeasures"] = list(enumerate(grids["countermeasures"]))
+    entries["seeds"] = list(enumerate(grids["seeds"]))
 
     shared = {k: data[k] for k in SHARED if k in data}
     specs: dict[str, ExperimentSpec] = {}
-    for (dataset, identities), defense, chain, attack, seed in itertools.product(
-        datasets,
-        expanded["defenses"],
-        grids["countermeasures"],
-        expanded["attacks"],
-        grids["seeds"],
-    ):
+    for combo in itertools.product(*(entries[key] for key in GRIDS)):
+        origin = {key: i for key, (i, _) in zip(GRIDS, combo, strict=True)}
+        (dataset, identities), defense, chain, attack, seed = (value for _, value in combo)
         for identity in identities:
             record = {
                 **shared,
@@ -204,23 +212,15 @@ def load_campaign(path: str | Path) -> Campaign:
             try:
                 spec = ExperimentSpec.from_dict(record)
             except SpecError as exc:
-                raise fail(_blame(exc, grids, defense, attack, chain), str(exc)) from None
+                raise fail(_blame(exc, origin), str(exc)) from None
             specs.setdefault(spec.spec_id, spec)
     return Campaign(str(path), tuple(specs.values()))
 
 
-def _blame(
-    exc: SpecError, grids: dict[str, list[Any]], defense: Any, attack: Any, chain: Any
-) -> tuple[Any, ...]:
-    """Which campaign entry a spec error came from (the field it names), for its line."""
-    key = exc.field
-    for name, value in (("defense", defense), ("attack", attack), ("countermeasure", chain)):
-        if key == name:
-            plural = "countermeasures" if key == "countermeasure" else f"{key}s"
-            wanted = value.get("name") if isinstance(value, Mapping) else value
-            for i, entry in enumerate(grids[plural]):
-                entry_name = entry.get("name") if isinstance(entry, Mapping) else entry
-                if entry == value or entry_name == wanted:
-                    return (plural, i)
-            return (plural,)
-    return (key,) if key in SHARED else ()
+def _blame(exc: SpecError, origin: Mapping[str, int]) -> tuple[Any, ...]:
+    """Where in the file a spec error comes from: the entry of the grid that set the
+    field it names (``origin``: each grid's entry index), else that shared field."""
+    grid = GRID_OF.get(exc.field or "")
+    if grid is not None:
+        return (grid, origin[grid])
+    return (exc.field,) if exc.field in SHARED else ()

@@ -17,9 +17,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from antipers.leaderboard import NO_COUNTERMEASURE, Board, dataset_settings
+from antipers.board_labels import dataset_settings
+from antipers.leaderboard import Board
 from antipers.results import ResultStore
 from antipers.samples import amplified
+from antipers.summary import NO_COUNTERMEASURE
 
 IMAGES = "images"
 PER_BOARD = 2  # identities shown per board

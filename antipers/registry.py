@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from antipers.errors import UserError
+from antipers.ranges import Range, check_ranges, field_ranges
 
 T = TypeVar("T")
 
@@ -42,12 +43,13 @@ class SpecError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class Param:
-    """One accepted parameter of a component: its name, type and default."""
+    """One accepted parameter of a component: its name, type, default and range."""
 
     name: str
     type: Any
     default: Any
     doc: str = ""
+    range: Range | None = None
 
     @property
     def type_name(self) -> str:
@@ -106,6 +108,7 @@ def component_params(cls: type) -> list[Param]:
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls.__qualname__} must be a dataclass to be registered")
     hints = typing.get_type_hints(cls)
+    ranges = field_ranges(cls)
     out = []
     for f in dataclasses.fields(cls):
         if not f.init or f.name.startswith("_"):
@@ -116,7 +119,9 @@ def component_params(cls: type) -> list[Param]:
             default = f.default_factory()
         else:
             default = dataclasses.MISSING
-        out.append(Param(f.name, hints[f.name], default, f.metadata.get("doc", "")))
+        out.append(
+            Param(f.name, hints[f.name], default, f.metadata.get("doc", ""), ranges.get(f.name))
+        )
     return out
 
 
@@ -142,6 +147,10 @@ def validate_params(kind: str, name: str, cls: type, params: dict[str, Any]) -> 
             raise SpecError(f"{kind} {name!r} needs parameter {pname!r} ({p.type_name})")
         else:
             out[pname] = p.default
+    try:
+        check_ranges(cls, out)
+    except ValueError as exc:
+        raise SpecError(f"{kind} {name!r}: {exc}") from None
     return out
 
 
@@ -247,6 +256,7 @@ COUNTERMEASURES: Registry[Any] = Registry("countermeasure")
 ATTACKS: Registry[Any] = Registry("attack")
 SAMPLERS: Registry[Any] = Registry("sampler")
 METRICS: Registry[Any] = Registry("metric")
+TRACKS: Registry[Any] = Registry("track")
 
 REGISTRIES: dict[str, Registry[Any]] = {
     "base-models": BASE_MODELS,
@@ -256,6 +266,7 @@ REGISTRIES: dict[str, Registry[Any]] = {
     "attacks": ATTACKS,
     "samplers": SAMPLERS,
     "metrics": METRICS,
+    "tracks": TRACKS,
 }
 
 for _name, _target in [
@@ -328,3 +339,9 @@ for _name, _target in [
     ("fid", "antipers.metrics.fidelity:FID"),
 ]:
     METRICS.register(_name, _target)
+for _name, _target in [
+    ("image", "antipers.tracks.image:ImageTrack"),
+    ("model", "antipers.tracks.model:ModelTrack"),
+    ("immunization", "antipers.tracks.immunization:ImmunizationTrack"),
+]:
+    TRACKS.register(_name, _target)

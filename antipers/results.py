@@ -1,13 +1,11 @@
-"""Result rows and the Parquet store.
+"""The Parquet store of result rows (what a row is: ``antipers.rows``).
 
-Long format: one row per experiment x metric x image (``image_index`` -1 holds the
-metric's aggregate). Adding a metric never changes the schema. A store is a folder
-(local path or any ``pyarrow.fs`` URI such as ``s3://bucket/prefix``) with one
-Parquet file per finished experiment, written under a temporary name and renamed,
-so a killed writer leaves nothing that loads. Beside it, ``<spec_id>.images.parquet``
-holds the experiment's sample thumbnails (PNG bytes, ``antipers.samples``), written the
-same way and before the rows, so a stored experiment has its images and a rerun
-replaces them rather than adding more.
+A store is a folder (local path or any ``pyarrow.fs`` URI such as
+``s3://bucket/prefix``) with one Parquet file per finished experiment, written under a
+temporary name and renamed, so a killed writer leaves nothing that loads. Beside it,
+``<spec_id>.images.parquet`` holds the experiment's sample thumbnails (PNG bytes,
+``antipers.samples``), written the same way and before the rows, so a stored experiment
+has its images and a rerun replaces them rather than adding more.
 """
 
 from __future__ import annotations
@@ -28,54 +26,10 @@ import pyarrow.parquet as pq
 
 from antipers.errors import UserError
 from antipers.names import check_name
+from antipers.rows import ERROR, OK, SCHEMA, failed, rows_to_table
 
-SCHEMA_VERSION = 3  # 2: `worker` (where the rows were computed); 3: `subject`
-AGGREGATE_INDEX = -1
-OK, ERROR = "ok", "error"
-
-SCHEMA = pa.schema(
-    [
-        ("spec_id", pa.string()),
-        ("suite", pa.string()),
-        ("protocol", pa.string()),
-        ("track", pa.string()),
-        ("dataset", pa.string()),
-        ("identity", pa.string()),
-        ("base_model", pa.string()),
-        ("defense", pa.string()),
-        ("defense_params", pa.string()),
-        ("countermeasure", pa.string()),
-        ("countermeasure_params", pa.string()),
-        ("attack", pa.string()),
-        ("attack_params", pa.string()),
-        ("metric", pa.string()),
-        ("value", pa.float64()),
-        ("higher_is_better", pa.bool_()),
-        ("unit", pa.string()),
-        ("backend", pa.string()),
-        ("image_index", pa.int32()),
-        ("seed", pa.int64()),
-        ("subject", pa.string()),  # protected | unprotected | generic (null before v3)
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("started_at", pa.timestamp("us", tz="UTC")),
-        ("duration_s", pa.float64()),
-        ("worker", pa.string()),
-        ("antipers_version", pa.string()),
-        ("schema_version", pa.int32()),
-        ("spec_json", pa.string()),
-    ]
-)
-REQUIRED_COLUMNS = tuple(SCHEMA.names)
 IMAGES_SUFFIX = ".images.parquet"
 IMAGES_SCHEMA = pa.schema([("kind", pa.string()), ("index", pa.int32()), ("png", pa.binary())])
-
-
-def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
-    missing = {c for row in rows for c in REQUIRED_COLUMNS if c not in row}
-    if missing:
-        raise ValueError(f"result rows lack column(s): {', '.join(sorted(missing))}")
-    return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
 class StoreError(UserError, OSError):
@@ -116,9 +70,7 @@ class ResultStore:
         if len(spec_ids) != 1:
             raise ValueError(f"one experiment per file, got spec_ids {sorted(spec_ids)}")
         spec_id = spec_ids.pop()
-        # the experiment failed only if it has an experiment-level error row (no metric);
-        # a metric that could not score is recorded but does not make the run retry
-        status = ERROR if any(r["status"] == ERROR and not r["metric"] for r in rows) else OK
+        status = ERROR if failed(rows) else OK
         table = rows_to_table(rows)
         check_name(spec_id, "spec_id")
         if not images:  # a rerun without thumbnails: none from an earlier run stay behind

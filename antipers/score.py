@@ -19,15 +19,13 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from antipers import __version__
 from antipers.data.folders import AntiDreamBoothFolders, is_antidreambooth_layout, list_photos
 from antipers.data.identity import DatasetError
 from antipers.errors import UserError
 from antipers.images import read_images
 from antipers.metrics.base import ScoreInputs, evaluate
-from antipers.pipeline import metric_rows
 from antipers.registry import METRICS
-from antipers.results import SCHEMA_VERSION, rows_to_table
+from antipers.rows import metric_rows, rows_to_table, unspecified_row
 from antipers.spec import ComponentSpec, canonical_json
 
 
@@ -135,29 +133,15 @@ def run_score(job: ScoreJob) -> list[dict[str, Any]]:
         raise ScoreError(str(exc)) from None
     results = [evaluate(m.build(METRICS), inputs) for m in job.metrics]
     spec_json = job.spec_json()
-    base = {
-        "spec_id": hashlib.sha256(spec_json.encode()).hexdigest()[:16],
-        "suite": "score",
-        "protocol": "",
-        "track": "",
-        "dataset": str(job.references.parent),
-        "identity": inputs.identity,
-        "base_model": "",
-        "defense": "",
-        "defense_params": "{}",
-        "countermeasure": "",
-        "countermeasure_params": "[]",
-        "attack": "",
-        "attack_params": "{}",
-        "seed": 0,
-        "subject": "protected",
-        "started_at": started,
-        "antipers_version": __version__,
-        "schema_version": SCHEMA_VERSION,
-        "spec_json": spec_json,
-        "error": None,
-        "worker": f"{socket.gethostname()}:{os.getpid()}",
-    }
+    base = unspecified_row(
+        started,
+        spec_id=hashlib.sha256(spec_json.encode()).hexdigest()[:16],
+        suite="score",
+        dataset=str(job.references.parent),
+        identity=inputs.identity,
+        spec_json=spec_json,
+        worker=f"{socket.gethostname()}:{os.getpid()}",
+    )
     return metric_rows(base, results, time.perf_counter() - t0)
 
 

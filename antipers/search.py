@@ -23,7 +23,8 @@ from typing import Any
 from antipers.errors import UserError
 from antipers.names import check_name
 from antipers.registry import DATASETS, SpecError
-from antipers.spec import ExperimentSpec, load_mapping
+from antipers.spec import ExperimentSpec
+from antipers.spec_files import load_mapping
 
 PRIVACY = {"ism": True, "fdfr": False, "linkability": True}  # metric -> report 1 - value
 # metric -> report 1 - value; clip-t is the immunization track's (prompt fidelity)

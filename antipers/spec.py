@@ -28,14 +28,15 @@ from antipers.registry import (
     DEFENSES,
     METRICS,
     SAMPLERS,
+    TRACKS,
     Registry,
     RegistryError,
     SpecError,
     coerce,
     validate_params,
 )
+from antipers.spec_files import load_mapping
 
-TRACKS = ("image", "model", "immunization")
 PROTOCOL = "adb-v1"
 
 
@@ -107,9 +108,6 @@ _COMPONENTS: dict[str, Registry[Any]] = {
     "attack": ATTACKS,
     "sampling": SAMPLERS,
 }
-# the immunization track's question: do the published generations link back to the
-# person (rank-1 retrieval, ISM), and are they still good images
-IMMUNIZATION_METRICS = ["linkability", "ism", "brisque"]
 _REQUIRED = ("base_model", "dataset", "identity", "attack")
 _DEFAULTS: dict[str, Any] = {
     "suite": "default",
@@ -138,8 +136,9 @@ def _about(key: str) -> Iterator[None]:
 
 def _metrics(merged: Mapping[str, Any], given: bool) -> tuple[ComponentSpec, ...]:
     metrics = merged["metrics"]
-    if not given and merged["track"] == "immunization":
-        metrics = IMMUNIZATION_METRICS
+    track_metrics = TRACKS.get(merged["track"]).default_metrics
+    if not given and track_metrics is not None:
+        metrics = list(track_metrics)
     if isinstance(metrics, (str, Mapping)) or not isinstance(metrics, (list, tuple)):
         raise SpecError(f"metrics: expected a list of metric names, got {metrics!r}")
     if not metrics:
@@ -163,7 +162,7 @@ def _scalar(key: str, value: Any) -> Any:
     except ValueError as exc:
         raise SpecError(str(exc)) from None
     if key == "track" and value not in TRACKS:
-        raise SpecError(f"track: expected one of {', '.join(TRACKS)}, got {value!r}")
+        raise SpecError(f"track: expected one of {', '.join(TRACKS.names())}, got {value!r}")
     if key == "resolution" and (value < 8 or value % 8):
         raise SpecError(f"resolution: expected a positive multiple of 8, got {value}")
     return value
@@ -181,8 +180,9 @@ def _check_fits_track(kwargs: dict[str, Any]) -> None:
             f"defense {kwargs['defense'].name!r} runs on the {' or '.join(tracks)} track, "
             f"not {kwargs['track']!r}: set track: {tracks[0]}",
         )
+    changes_photos = TRACKS.get(kwargs["track"]).changes_photos
     for metric in kwargs["metrics"]:
-        if kwargs["track"] != "image" and getattr(METRICS.get(metric.name), "compares_photos", 0):
+        if not changes_photos and getattr(METRICS.get(metric.name), "compares_photos", 0):
             raise _tagged(
                 "metrics",
                 f"metrics: {metric.name!r} compares protected photos with their originals; "
@@ -244,11 +244,11 @@ class ExperimentSpec:
             kwargs["countermeasure"] = ComponentSpec.parse_chain(
                 merged["countermeasure"], COUNTERMEASURES, "countermeasure"
             )
-        with _about("metrics"):
-            kwargs["metrics"] = _metrics(merged, "metrics" in data)
         for key in ("identity", "suite", "protocol", "track"):
             with _about(key):
                 kwargs[key] = _scalar(key, merged[key])
+        with _about("metrics"):
+            kwargs["metrics"] = _metrics({**merged, "track": kwargs["track"]}, "metrics" in data)
         _check_fits_track(kwargs)
         for key in ("seed", "resolution"):
             with _about(key):
@@ -340,49 +340,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_jsonable(v) for v in value]
     return value
-
-
-def load_mapping(path: str | Path) -> dict[str, Any]:
-    """A YAML or JSON file as a mapping; errors name the file."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"{path}: no such spec file")
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError:
-        raise SpecError(f"{path}: not a text file (expected UTF-8 YAML or JSON)") from None
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise SpecError(f"{path}: cannot parse ({exc})") from None
-    if not isinstance(data, dict):
-        raise SpecError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    bad = non_string_key(data, ())
-    if bad is not None:
-        where, key = bad
-        field = ".".join(map(str, where)) or "(top level)"
-        raise SpecError(f"{path}: {field}: key {key!r} is not a name; keys are strings")
-    return data
-
-
-def non_string_key(value: Any, where: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any] | None:
-    """The first mapping key anywhere in ``value`` that is not a string (YAML reads
-    ``1: x`` or ``true: x`` as a number or a boolean)."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                return where, key
-            found = non_string_key(item, (*where, key))
-            if found:
-                return found
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            found = non_string_key(item, (*where, i))
-            if found:
-                return found
-    return None
 
 
 def load_spec(path: str | Path) -> ExperimentSpec:

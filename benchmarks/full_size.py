@@ -26,9 +26,9 @@ import pandas as pd
 import torch
 from validity import CAMPAIGN, STORE, person, row_people
 
+from antipers.board_stats import mean_interval
 from antipers.boards import load_boards
 from antipers.campaign import load_campaign
-from antipers.leaderboard import mean_interval
 from antipers.pipeline import (
     Handoff,
     RunContext,

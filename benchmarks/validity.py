@@ -34,10 +34,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from antipers.board_labels import config_labels
+from antipers.board_stats import mean_interval
 from antipers.boards import load_boards
 from antipers.campaign import load_campaign
-from antipers.leaderboard import config_labels, mean_interval
-from antipers.models.train_mini import CLASS_PROMPTS
+from antipers.models.mini_recipe import CLASS_PROMPTS
 from antipers.pipeline import (
     Handoff,
     RunContext,

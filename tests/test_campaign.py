@@ -89,7 +89,7 @@ def test_shipped_campaigns_load_with_the_sizes_their_headers_state(name):
     campaign = load_campaign(path)
     specs = campaign.specs
     people = {(s.dataset.kwargs.get("seed", 0), s.identity) for s in specs}
-    expected = {"demo": 3, "validity": 144, "validity-iddm": 24, "validity-iddm-more": 48}
+    expected = {"demo": 3, "validity": 144, "validity-iddm": 24, "validity-iddm-more": 120}
     expected = expected.get(name, 8)
     assert len(people) == expected
     if name == "validity-model":  # APDM against both attackers, on the model track
@@ -106,3 +106,26 @@ def test_shipped_campaigns_load_with_the_sizes_their_headers_state(name):
         main = load_campaign(path.with_name("validity-iddm.yaml")).specs
         ids = {s.spec_id for s in main}
         assert all(s.override({"dataset.seed": 0}).spec_id in ids for s in specs)
+
+
+@pytest.mark.parametrize(
+    "changes,expected",
+    [
+        (  # the same defense twice, the second one wrong: its own line is blamed
+            [
+                ("  - none\n", "  - {name: aspl, eps: 4, iterations: 1}\n"),
+                ("iterations: 1, eot", "iterations: 1, epss: 3, eot"),
+            ],
+            ":8: defenses.1: defense 'aspl' has no parameter 'epss'",
+        ),
+        ([("seeds: [0, 1]", "seeds: [0, lots]")], ":14: seeds.1: seed: expected"),
+    ],
+)
+def test_a_spec_error_blames_the_entry_it_came_from(tmp_path, changes, expected):
+    text = GOOD
+    for old, new in changes:
+        assert old in text
+        text = text.replace(old, new)
+    with pytest.raises(CampaignError) as err:
+        load_campaign(write(tmp_path, text))
+    assert expected in str(err.value)

@@ -219,14 +219,14 @@ def test_bad_campaign_is_refused_before_ray_or_the_store(tmp_path, capsys):
 def test_dead_workers_are_retried_but_experiment_failures_are_not():
     from ray.exceptions import ActorDiedError, RayTaskError, WorkerCrashedError
 
-    from antipers.cluster.driver import _infrastructure, _message
+    from antipers.cluster.retry import infrastructure, message
 
     failed = RayTaskError("protect", "Traceback: ...", ValueError("eps too small"), ip="x")
-    assert not _infrastructure(failed)
-    assert _message(failed).startswith("ValueError: eps too small\nTraceback: ...")
-    assert _infrastructure(ActorDiedError()) and _infrastructure(WorkerCrashedError())
+    assert not infrastructure(failed)
+    assert message(failed).startswith("ValueError: eps too small\nTraceback: ...")
+    assert infrastructure(ActorDiedError()) and infrastructure(WorkerCrashedError())
     # a call chained after one whose worker died fails with the worker's error
-    assert _infrastructure(RayTaskError("attack", "", ActorDiedError(), ip="x"))
+    assert infrastructure(RayTaskError("attack", "", ActorDiedError(), ip="x"))
 
 
 def test_a_worker_that_cannot_start_stops_the_campaign_with_nothing_stored(ray_address, tmp_path):

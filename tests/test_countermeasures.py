@@ -122,7 +122,7 @@ def test_impress_makes_the_photos_vae_consistent_within_its_distance(person, env
 def test_impress_names_missing_lpips_weights(person, env, tmp_path):
     with pytest.raises(ValueError, match="impress.lpips_weights: .*missing.pth"):
         Impress(steps=1, lpips_weights=str(tmp_path / "missing.pth")).apply(person.set_B, env)
-    with pytest.raises(ValueError, match="lr must be > 0"):
+    with pytest.raises(ValueError, match="lr: expected > 0, got 0"):
         Impress(lr=0)
 
 

@@ -160,7 +160,8 @@ def test_eot_entries_take_parameters_and_purify_with_the_frozen_base(person, tin
     eot = ({"name": "jpeg", "quality": 50}, {"name": "purify", "t": 20, "steps": 2}, "blur")
     aspl = DEFENSES.build("aspl", {**FAST, "eot": eot})
     assert aspl.eot[0] == {"name": "jpeg", "quality": 50}
-    with pytest.raises(ValueError, match="eot\\[0\\] \\(jpeg\\): quality"):
+    refused = r"eot\[0\]: countermeasure 'jpeg': quality: expected 1\.\.100, got 500"
+    with pytest.raises(ValueError, match=refused):
         DEFENSES.build("aspl", {"eot": [{"name": "jpeg", "quality": 500}]})
     seen = []
     real_jpeg, real_purify = JPEG.apply, Purify.apply

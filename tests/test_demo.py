@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from antipers.campaign import load_campaign
-from antipers.leaderboard import missing_metrics, summary_table
 from antipers.registry import METRICS
+from antipers.summary import missing_metrics, summary_table
 from tests.conftest import REPO
 
 
@@ -127,7 +127,7 @@ def test_reduced_demo_learns_the_person_and_aspl_protects(tmp_path, capsys):
 
 
 def test_verdicts_say_what_each_defense_did_with_its_cost():
-    from antipers.leaderboard import verdicts
+    from antipers.summary import verdicts
 
     def row(defense, metric, value, hib, eps=None):
         params = "{}" if eps is None else f'{{"eps": {eps}}}'

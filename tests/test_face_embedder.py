@@ -97,10 +97,10 @@ def test_a_missing_shipped_embedder_is_named(monkeypatch, tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"batch": 1}, "batch must be >= 2"),
-        ({"resolution": 40}, "resolution must be a multiple of 16"),
-        ({"nudge": -0.1}, "nudge -0.1"),
-        ({"margin": 1.0}, "margin 1.0"),
+        ({"batch": 1}, r"batch: expected >= 2 \(BatchNorm\), got 1"),
+        ({"resolution": 40}, "resolution: expected a multiple of 16, got 40"),
+        ({"nudge": -0.1}, r"nudge: expected 0\.\.2, got -0.1"),
+        ({"margin": 1.0}, r"margin: expected in \[0, 1\), got 1.0"),
     ],
 )
 def test_bad_settings_are_named(change, message):

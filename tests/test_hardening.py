@@ -147,7 +147,7 @@ def test_data_synth_refuses_bad_flags_and_a_missing_extra(tmp_path, capsys, monk
 
 def test_camera_mpo_photos_read_as_jpeg(faces, tmp_path):
     from antipers.cluster.client_options import Limits
-    from antipers.cluster.scoring import _decode
+    from antipers.cluster.uploads import decode_photo as _decode
 
     frames = [
         Image.fromarray((img.permute(1, 2, 0).numpy() * 255).astype("uint8"))
@@ -300,10 +300,10 @@ def test_serve_names_a_busy_port(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, needles",
     [
-        (["models", "train-mini", "--out", "OUT", "--pool", "0"], ["pool must be >= 1"]),
+        (["models", "train-mini", "--out", "OUT", "--pool", "0"], ["--pool: expected >= 1, got 0"]),
         (
             ["models", "train-embedder", "--out", "OUT", "--people", "1"],
-            ["people must be >= 2, got 1"],
+            ["--people: expected >= 2, got 1"],
         ),
         (["run", "CAMPAIGN", "--store", "OUT", "--gpus", "1.5"], ["a share above 1 must be whole"]),
         (["report", "--store", "nope://x", "--out", "OUT"], ["store nope://x: cannot be used"]),

@@ -14,7 +14,8 @@ import pytest
 from antipers.boards import BoardRules, BoardsConfig, load_boards
 from antipers.leaderboard import ReportError, build_boards
 from antipers.registry import SpecError
-from antipers.results import SCHEMA_VERSION, ResultStore
+from antipers.results import ResultStore
+from antipers.rows import SCHEMA_VERSION
 
 DIRECTION = {"ism": False, "fdfr": True, "psnr": True, "linkability": False}
 CONFIGS = [("none", {}), ("aspl", {"eps": 8}), ("aspl", {"eps": 4}), ("simac", {"eps": 8})]

@@ -14,7 +14,9 @@ import torch
 from antipers.data import synthetic
 from antipers.models.local import ModelNotFoundError
 from antipers.models.mini_faces import SHIPPED, MiniFaces, check_manifest
-from antipers.models.train_mini import Loop, MiniTrainConfig, _optimizer, run_loop, train_mini
+from antipers.models.train_mini import MiniTrainConfig, train_mini
+from antipers.models.training_loop import Loop, run_loop
+from antipers.models.training_loop import adamw_cosine as _optimizer
 
 # ---- the seed streams --------------------------------------------------------------------
 

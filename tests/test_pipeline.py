@@ -6,7 +6,8 @@ import torch
 
 from antipers.cli import main
 from antipers.pipeline import RunContext, run_and_store, run_experiment
-from antipers.results import REQUIRED_COLUMNS, ResultStore
+from antipers.results import ResultStore
+from antipers.rows import REQUIRED_COLUMNS
 from antipers.spec import ExperimentSpec
 from tests.conftest import REPO, tiny_spec_dict
 

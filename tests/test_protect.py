@@ -125,7 +125,7 @@ def test_protect_refuses_to_overwrite_or_write_into_input(photos, tmp_path, caps
     "args,message",
     [
         (["--param", "epss=3"], "has no parameter 'epss'"),
-        (["--param", "eps=-1"], "eps: expected a budget"),
+        (["--param", "eps=-1"], "eps: expected 1..255"),
         (["--param", "eps"], "expected KEY=VALUE"),
         (["--defense", "iddm"], "defense 'iddm' does not change photos"),
     ],

@@ -9,7 +9,8 @@ from datetime import UTC, datetime
 import pyarrow.parquet as pq
 import pytest
 
-from antipers.results import REQUIRED_COLUMNS, ResultStore
+from antipers.results import ResultStore
+from antipers.rows import REQUIRED_COLUMNS
 from tests.conftest import REPO
 
 
@@ -146,7 +147,7 @@ def test_a_metric_error_does_not_fail_the_experiment(tmp_path):
 
 def test_a_store_written_before_the_subject_column_still_loads(tmp_path):
     """Schema version 2 files (no ``subject``) load beside new ones, as null."""
-    from antipers.results import rows_to_table
+    from antipers.rows import rows_to_table
 
     store = ResultStore(str(tmp_path))
     store.write(make_rows("new"))

@@ -4,7 +4,7 @@ import pytest
 from antipers.cli import main
 from antipers.data.synthetic import SyntheticDataset
 from antipers.images import quantize, write_png
-from antipers.results import REQUIRED_COLUMNS
+from antipers.rows import REQUIRED_COLUMNS
 
 
 @pytest.fixture

@@ -319,7 +319,7 @@ def test_evaluation_requests_are_checked(service, photos):
     ],
 )
 def test_bad_batching_settings_are_named(settings, field):
-    from antipers.cluster.scoring import Batching
+    from antipers.cluster.batching import Batching
 
     with pytest.raises(ValueError, match=f"batching.{field}"):
         Batching(**settings)

@@ -152,7 +152,9 @@ def test_floats_written_as_yaml_strings_and_non_finite_values():
         ExperimentSpec.from_dict(
             tiny_spec_dict(attack={"name": "lora", "max_grad_norm": float("inf")})
         )
-    with pytest.raises(SpecError, match="defense 'aspl': eps: expected a budget in \\[1, 255\\]"):
+    with pytest.raises(
+        SpecError, match="defense 'aspl': eps: expected 1\\.\\.255 \\(pixel units\\)"
+    ):
         ExperimentSpec.from_dict(tiny_spec_dict(defense={"name": "aspl", "eps": 0.5}))
     with pytest.raises(SpecError, match="steps \\(20\\) cannot exceed the timestep t \\(10\\)"):
         ExperimentSpec.from_dict(tiny_spec_dict(countermeasure={"name": "purify", "t": 10}))

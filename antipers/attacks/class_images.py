@@ -16,12 +16,14 @@ import shutil
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
 
 from antipers.attacks.sampling import generate
 from antipers.images import quantize, read_images, write_png
 from antipers.models.bundle import DiffusionBundle
+from antipers.ranges import Checked, Range
 
 log = logging.getLogger(__name__)
 CACHE_ENV = "ANTIPERS_CACHE_DIR"
@@ -65,22 +67,18 @@ def key_for(
 
 
 @dataclass(frozen=True)
-class ClassImageSettings:
+class ClassImageSettings(Checked):
     """The generic images a component asks the base model for (cached by key)."""
 
     class_prompt: str = "a photo of person"
-    num_class_images: int = 200
+    num_class_images: Annotated[int, Range(ge=0)] = 200
     class_seed: int = 0
-    class_steps: int = 50
+    class_steps: Annotated[int, Range(ge=1)] = 50
 
     def check_prior(self, prior_weight: float) -> None:
-        """The checks of a component that trains with prior preservation at ``prior_weight``."""
-        if prior_weight < 0:
-            raise ValueError(f"prior_weight: expected >= 0, got {prior_weight}")
+        """Prior preservation at ``prior_weight`` needs class images to preserve."""
         if prior_weight > 0 and self.num_class_images < 1:
             raise ValueError("num_class_images: prior preservation needs at least 1 class image")
-        if self.class_steps < 1:
-            raise ValueError(f"class_steps: expected >= 1, got {self.class_steps}")
 
     def generic_images(self, bundle: DiffusionBundle, resolution: int) -> torch.Tensor:
         key = key_for(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from antipers.data.identity import IdentitySet
 from antipers.images import from_uint8, to_uint8
 from antipers.models.bundle import DiffusionBundle
+from antipers.ranges import Checked, Range
+
+NOISE_SIGMA = Range(ge=0, le=255, note="pixel units")  # Noise's, and Upscale's first step
 
 
 @dataclass
@@ -39,14 +42,10 @@ class NoCountermeasure:
 
 
 @dataclass(frozen=True)
-class JPEG:
+class JPEG(Checked):
     """JPEG compression at ``quality`` (the literature uses 50-90)."""
 
-    quality: int = 75
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.quality <= 100:
-            raise ValueError(f"quality: expected 1..100, got {self.quality}")
+    quality: Annotated[int, Range(ge=1, le=100)] = 75
 
     def apply(self, images: torch.Tensor, env: AttackEnv) -> torch.Tensor:
         from PIL import Image
@@ -61,15 +60,11 @@ class JPEG:
 
 
 @dataclass(frozen=True)
-class Resize:
+class Resize(Checked):
     """Down by ``factor`` and back up (x2, x4 in the literature): removes high frequencies."""
 
-    factor: float = 2.0
+    factor: Annotated[float, Range(ge=1)] = 2.0
     mode: Literal["bilinear", "bicubic", "area", "nearest"] = "bicubic"
-
-    def __post_init__(self) -> None:
-        if self.factor < 1:
-            raise ValueError(f"factor: expected >= 1, got {self.factor}")
 
     def apply(self, images: torch.Tensor, env: AttackEnv) -> torch.Tensor:
         h, w = images.shape[-2:]
@@ -80,17 +75,16 @@ class Resize:
 
 
 @dataclass(frozen=True)
-class Blur:
+class Blur(Checked):
     """Gaussian blur (kernel 5-7 in the literature)."""
 
-    kernel: int = 5
-    sigma: float = 1.0
+    kernel: Annotated[int, Range(ge=1)] = 5
+    sigma: Annotated[float, Range(gt=0)] = 1.0
 
     def __post_init__(self) -> None:
-        if self.kernel < 1 or self.kernel % 2 == 0:
+        super().__post_init__()
+        if self.kernel % 2 == 0:
             raise ValueError(f"kernel: expected an odd size >= 1, got {self.kernel}")
-        if self.sigma <= 0:
-            raise ValueError(f"sigma: expected > 0, got {self.sigma}")
 
     def apply(self, images: torch.Tensor, env: AttackEnv) -> torch.Tensor:
         from torchvision.transforms.functional import gaussian_blur
@@ -99,14 +93,10 @@ class Blur:
 
 
 @dataclass(frozen=True)
-class Flip:
+class Flip(Checked):
     """Horizontal flip of each photo with probability ``p`` (1: every photo)."""
 
-    p: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.p <= 1:
-            raise ValueError(f"p: expected 0..1, got {self.p}")
+    p: Annotated[float, Range(ge=0, le=1)] = 1.0
 
     def apply(self, images: torch.Tensor, env: AttackEnv) -> torch.Tensor:
         chosen = torch.rand(images.shape[0], generator=env.generator) < self.p
@@ -116,17 +106,13 @@ class Flip:
 
 
 @dataclass(frozen=True)
-class Noise:
+class Noise(Checked):
     """Gaussian noise of standard deviation ``sigma`` in pixel units over 255 (12.75:
     0.05 of the range), clipped to the image range: the simplest robust-mimicry
     countermeasure (Hönig et al., ICLR 2025, "Gaussian noising"). ``sigma=0`` is the
     identity."""
 
-    sigma: float = 12.75
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.sigma <= 255:
-            raise ValueError(f"sigma: expected 0..255 (pixel units), got {self.sigma}")
+    sigma: Annotated[float, NOISE_SIGMA] = 12.75
 
     def apply(self, images: torch.Tensor, env: AttackEnv) -> torch.Tensor:
         if self.sigma == 0:
@@ -136,17 +122,16 @@ class Noise:
 
 
 @dataclass(frozen=True)
-class Purify:
+class Purify(Checked):
     """DiffPure-style purification with the base model: noise each photo to timestep
     ``t`` and denoise it back with ``steps`` DDIM steps (unconditional). ``t=0`` is
     the identity."""
 
-    t: int = 100
-    steps: int = 20
+    t: Annotated[int, Range(ge=0)] = 100
+    steps: Annotated[int, Range(ge=1)] = 20
 
     def __post_init__(self) -> None:
-        if self.t < 0 or self.steps < 1:
-            raise ValueError(f"t must be >= 0 and steps >= 1, got t={self.t}, steps={self.steps}")
+        super().__post_init__()
         if self.t and self.steps > self.t:
             raise ValueError(f"steps ({self.steps}) cannot exceed the timestep t ({self.t})")
 
@@ -179,15 +164,11 @@ class Purify:
 
 
 @dataclass(frozen=True)
-class Mix:
+class Mix(Checked):
     """Replace ``k`` of the protected photos by clean ones from ``set_C``: the "one
     clean photo slipped in" setting of the literature (APDM's ablation)."""
 
-    k: int = 1
-
-    def __post_init__(self) -> None:
-        if self.k < 0:
-            raise ValueError(f"k: expected >= 0, got {self.k}")
+    k: Annotated[int, Range(ge=0)] = 1
 
     def check(self, identity: IdentitySet, n_protected: int | None = None) -> None:
         n_clean = identity.set_C.shape[0]

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
 from antipers.attacks.countermeasures import AttackEnv
+from antipers.ranges import Checked, Range
 
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # per-image distances
 
@@ -33,25 +35,16 @@ def consistency(x: torch.Tensor, env: AttackEnv) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class Impress:
+class Impress(Checked):
     """IMPRESS purification: ``steps`` of Adam at ``lr`` on the photos (``steps=0`` is
     the identity). ``delta``: the allowed distance (LPIPS, or RMS in [0, 1] without
     LPIPS weights); ``alpha``: the consistency term's weight."""
 
-    steps: int = 100
-    lr: float = 0.01
-    delta: float = 0.05
-    alpha: float = 1.0
+    steps: Annotated[int, Range(ge=0)] = 100
+    lr: Annotated[float, Range(gt=0)] = 0.01
+    delta: Annotated[float, Range(ge=0)] = 0.05
+    alpha: Annotated[float, Range(ge=0)] = 1.0
     lpips_weights: str = ""
-
-    def __post_init__(self) -> None:
-        if self.steps < 0:
-            raise ValueError(f"steps: expected >= 0, got {self.steps}")
-        if self.lr <= 0 or self.delta < 0 or self.alpha < 0:
-            raise ValueError(
-                f"lr must be > 0, delta and alpha >= 0; got lr={self.lr}, "
-                f"delta={self.delta}, alpha={self.alpha}"
-            )
 
     def distance(self, device: torch.device) -> Distance:
         if not self.lpips_weights:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
 from antipers.attacks.personalize import Personalization
 from antipers.models.bundle import DiffusionBundle
+from antipers.ranges import Range
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -21,17 +23,13 @@ class LoRADreamBooth(Personalization):
 
     lr: float = 1e-4
     train_text_encoder: bool = False
-    rank: int = 4
-    alpha: float = 4.0
+    rank: Annotated[int, Range(ge=1)] = 4
+    alpha: Annotated[float, Range(gt=0)] = 4.0
     target_modules: tuple[str, ...] = UNET_TARGETS
     text_target_modules: tuple[str, ...] = TEXT_TARGETS
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.rank < 1:
-            raise ValueError(f"rank: expected >= 1, got {self.rank}")
-        if self.alpha <= 0:
-            raise ValueError(f"alpha: expected > 0, got {self.alpha}")
         if not self.target_modules:
             raise ValueError("target_modules: name at least one UNet module")
 

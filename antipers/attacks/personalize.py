@@ -6,37 +6,35 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
 from antipers.attacks.class_images import ClassImageSettings
 from antipers.attacks.training import LRSchedule, TrainConfig, TrainData, finetune
 from antipers.models.bundle import DiffusionBundle
+from antipers.ranges import Range
 
 
 @dataclass(frozen=True)
 class Personalization(ClassImageSettings):
     """DreamBooth as Anti-DreamBooth evaluates it (PROTOCOL.md, adb-v1)."""
 
-    steps: int = 1000
-    lr: float = 5e-7
-    batch_size: int = 2
-    grad_accum: int = 1
+    steps: Annotated[int, Range(ge=1)] = 1000
+    lr: Annotated[float, Range(gt=0)] = 5e-7
+    batch_size: Annotated[int, Range(ge=1)] = 2
+    grad_accum: Annotated[int, Range(ge=1)] = 1
     lr_schedule: LRSchedule = "constant"
-    warmup_steps: int = 0
+    warmup_steps: Annotated[int, Range(ge=0)] = 0
     max_grad_norm: float = 1.0
     instance_prompt: str = "a photo of sks person"
-    prior_weight: float = 1.0
+    prior_weight: Annotated[float, Range(ge=0)] = 1.0
     train_text_encoder: bool = True
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr: expected > 0, got {self.lr}")
-        if self.warmup_steps < 0 or self.warmup_steps > self.steps:
+        super().__post_init__()
+        if self.warmup_steps > self.steps:
             raise ValueError(
                 f"warmup_steps: expected 0..steps ({self.steps}), got {self.warmup_steps}"
             )

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
 from antipers.models.bundle import DiffusionBundle
+from antipers.ranges import Checked, Range
 
 PROMPTS = ("a photo of sks person", "a dslr portrait of sks person")
 SchedulerName = Literal["ddim", "dpm", "euler", "pndm", "ddpm"]
@@ -80,22 +81,20 @@ def generate(
 
 
 @dataclass(frozen=True)
-class GuidedSampler:
+class GuidedSampler(Checked):
     """Anti-DreamBooth's evaluation: both prompts, 16 images each, 100 steps, guidance 7.5."""
 
     prompts: tuple[str, ...] = PROMPTS
-    images_per_prompt: int = 16
-    steps: int = 100
+    images_per_prompt: Annotated[int, Range(ge=1)] = 16
+    steps: Annotated[int, Range(ge=1)] = 100
     guidance: float = 7.5
     scheduler: SchedulerName = "ddim"
-    batch_size: int = 8
+    batch_size: Annotated[int, Range(ge=1)] = 8
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.prompts:
             raise ValueError("prompts: give at least one prompt")
-        for name in ("images_per_prompt", "steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
 
     def image_prompts(self) -> tuple[str, ...]:
         """The prompt of each image ``sample`` returns, in order."""

@@ -15,13 +15,14 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 
-from antipers.attacks.countermeasures import AttackEnv, Noise
+from antipers.attacks.countermeasures import NOISE_SIGMA, AttackEnv, Noise
 from antipers.errors import ComponentUnavailable
+from antipers.ranges import Checked, Range
 
 REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "low_res_scheduler")
 
@@ -53,26 +54,17 @@ def check_folder(path: str) -> Path:
 
 
 @dataclass(frozen=True)
-class Upscale:
+class Upscale(Checked):
     """Noise of ``sigma`` (pixel units over 255; 0: none), then the upscaler from
     ``path`` (``steps`` denoising steps, ``noise_level`` its own low-res noise, guidance
     ``guidance`` on ``prompt``), then back to the photo's size."""
 
     path: str = ""
-    sigma: float = 12.75
-    steps: int = 20
-    noise_level: int = 20
+    sigma: Annotated[float, NOISE_SIGMA] = 12.75
+    steps: Annotated[int, Range(ge=1)] = 20
+    noise_level: Annotated[int, Range(ge=0, le=350, note="the upscaler's range")] = 20
     guidance: float = 9.0
     prompt: str = ""
-
-    def __post_init__(self) -> None:
-        Noise(self.sigma)  # its range check
-        if self.steps < 1:
-            raise ValueError(f"steps: expected >= 1, got {self.steps}")
-        if not 0 <= self.noise_level <= 350:
-            raise ValueError(
-                f"noise_level: expected 0..350 (the upscaler's range), got {self.noise_level}"
-            )
 
     def apply(self, images: torch.Tensor, env: AttackEnv) -> torch.Tensor:
         folder = check_folder(self.path)

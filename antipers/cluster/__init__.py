@@ -3,6 +3,8 @@
 The only package that imports ray; the rest of antipers runs without it.
 """
 
-# the worker roles (one stage each), here so that the CLI can check ``--workers`` and
+# each worker role and the stage it runs (its ``StageWorker`` method, the key of its
+# ``info()["started"]`` count); here so that the CLI can check ``--workers`` and
 # ``--cpus`` without importing ray
-ROLES = ("defense", "attack", "scoring")
+STAGE_OF = {"defense": "protect", "attack": "attack", "scoring": "score"}
+ROLES = tuple(STAGE_OF)

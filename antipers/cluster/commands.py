@@ -15,9 +15,9 @@ from antipers.campaign import Campaign, load_campaign
 from antipers.cluster.driver import CampaignReport, run_campaign
 from antipers.cluster.runtime import ClusterError, check_placeable, cluster_has_gpus, connect
 from antipers.cluster.workers import WorkerPlan
-from antipers.leaderboard import missing_metrics, summary_table, verdicts
 from antipers.results import ResultStore
 from antipers.search import SearchSpec
+from antipers.summary import missing_metrics, summary_table, verdicts
 
 DEMO_NOTE = (
     "The demo runs mini-faces, antipers' own 64 px miniature diffusion model trained on "

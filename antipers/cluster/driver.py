@@ -6,101 +6,37 @@ at any point loses at most the experiments in flight, and the next run finds eve
 finished one and runs the rest. An experiment that raises becomes an error row; a
 worker that dies is restarted by Ray, which retries its calls, and what still fails
 for that reason is resubmitted here up to ``retries`` times.
+
+The parts, each on its own: submission and balancing (``submission``), the retry
+policy (``retry``), storing and counting (``outcomes``), the progress bar
+(``progress``) and the end (``teardown``); this module runs the loop that joins them.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayError, RayTaskError
 
-from antipers.cluster import ROLES
-from antipers.cluster.runtime import ClusterError
+from antipers.cluster.outcomes import CampaignReport, record
+from antipers.cluster.progress import Progress
+from antipers.cluster.retry import failed_rows, resubmit
+from antipers.cluster.retry import message as _message
+from antipers.cluster.submission import Dispatcher
+from antipers.cluster.teardown import teardown
 from antipers.cluster.workers import Pool, WorkerPlan, start_workers
-from antipers.errors import ComponentUnavailable
-from antipers.pipeline import Handoff, error_rows, experiment_rows, failure_rows
+from antipers.pipeline import Handoff, experiment_rows
 from antipers.results import ResultStore
 from antipers.spec import ExperimentSpec
 
 log = logging.getLogger(__name__)
-ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its error text for terminals
-
-
-@dataclass
-class CampaignReport:
-    total: int
-    skipped: int = 0
-    ok: int = 0
-    failed: int = 0
-    resubmitted: int = 0
-    seconds: float = 0.0
-    failures: dict[str, str] = field(default_factory=dict)  # spec_id -> first line
-    # stage executions begun by the workers at the end (a restarted one: since its restart)
-    executions: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def finished(self) -> bool:
-        return self.skipped + self.ok + self.failed == self.total
-
-    def summary(self) -> str:
-        return (
-            f"{self.total} experiments: {self.skipped} already stored, {self.ok} ran, "
-            f"{self.failed} failed, {self.resubmitted} resubmitted after a worker died "
-            f"({self.seconds:.0f} s)"
-            + (
-                "; stage executions: " + ", ".join(f"{k} {v}" for k, v in self.executions.items())
-                if self.executions
-                else ""
-            )
-        )
-
-
-@dataclass
-class _Job:
-    spec: ExperimentSpec
-    attempt: int
-    submitted: datetime
-    t0: float
-    lanes: dict[str, int]
-
 
 ResultHook = Callable[[ExperimentSpec, list[dict[str, Any]], dict[str, Pool]], None]
-
-
-def _unwrap(exc: BaseException) -> BaseException:
-    return exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
-
-
-def _worker_cannot_start(exc: BaseException) -> bool:
-    """A worker whose constructor fails (antipers missing on a node, a bad device) will
-    fail every experiment: the campaign stops instead of storing an error for each."""
-    cause = _unwrap(exc)
-    return isinstance(cause, RayActorError) and cause.actor_init_failed
-
-
-def _infrastructure(exc: BaseException) -> bool:
-    """A failure of the machinery (dead worker, lost object), not of the experiment."""
-    if isinstance(exc, RayTaskError):
-        return isinstance(exc.cause, RayError) and _infrastructure(exc.cause)
-    return isinstance(exc, RayError)
-
-
-def _message(exc: BaseException) -> str:
-    if isinstance(exc, RayTaskError):
-        cause = exc.cause
-        text = f"{type(cause).__name__}: {cause}\n{getattr(exc, 'traceback_str', '') or exc}"
-    else:
-        text = f"{type(exc).__name__}: {exc}"
-    return ANSI.sub("", text)
 
 
 def _order(specs: Sequence[ExperimentSpec]) -> list[ExperimentSpec]:
@@ -124,8 +60,6 @@ def run_campaign(
     ``images``, each experiment's thumbnails are stored beside its rows."""
     if not ray.is_initialized():
         raise RuntimeError("connect to Ray first (antipers.cluster.runtime.connect)")
-    from tqdm import tqdm
-
     plan = plan or WorkerPlan()
     t_start = time.perf_counter()
     store.sweep_temporary()
@@ -140,91 +74,31 @@ def run_campaign(
     if limit < 1:
         raise ValueError(f"max_in_flight: expected >= 1, got {limit}")
     pools = start_workers(plan)
-    pending: dict[Any, _Job] = {}
-    bar = tqdm(
-        total=report.total,
-        initial=report.skipped,
-        desc=description,
-        unit="exp",
-        disable=not progress,
-        file=sys.stderr,
-        dynamic_ncols=True,
-    )
-
-    def submit(spec: ExperimentSpec, attempt: int) -> None:
-        picks = {role: pools[role].pick() for role in ROLES}
-        for role, i in picks.items():
-            pools[role].load[i] += 1
-        defense, attack, scoring = (pools[r].actors[picks[r]] for r in ROLES)
-        handoff = defense.protect.remote(spec)
-        handoff = attack.attack.remote(spec, handoff)
-        ref = scoring.score.remote(spec, handoff)
-        pending[ref] = _Job(spec, attempt, datetime.now(UTC), time.perf_counter(), picks)
-
+    flight = Dispatcher(pools)
+    bar = Progress(report, description, enabled=progress)
     try:
-        while todo or pending:
-            while todo and len(pending) < limit:
-                submit(todo.popleft(), 0)
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            job = pending.pop(ready[0])
-            for role, i in job.lanes.items():
-                pools[role].load[i] -= 1
-            samples = None
+        while todo or flight.pending:
+            while todo and len(flight.pending) < limit:
+                flight.submit(todo.popleft())
+            ref, job = flight.next_finished()
             try:
-                handoff: Handoff = ray.get(ready[0])
+                handoff: Handoff = ray.get(ref)
                 rows = experiment_rows(job.spec, handoff)
                 samples = handoff.samples if images else None
             except Exception as exc:
-                if _worker_cannot_start(exc):
-                    raise ClusterError(
-                        f"a worker could not start, so no experiment can run: {_message(exc)}"
-                    ) from None
-                if _infrastructure(exc) and job.attempt < retries:
+                if resubmit(exc, job.attempt, retries):
                     log.warning("%s: %s; resubmitting", job.spec.spec_id, _message(exc))
                     report.resubmitted += 1
-                    submit(job.spec, job.attempt + 1)
+                    flight.submit(job.spec, job.attempt + 1)
                     continue
-                duration = time.perf_counter() - job.t0
-                cause = exc.cause if isinstance(exc, RayTaskError) else exc
-                if isinstance(cause, ComponentUnavailable):
-                    rows = failure_rows(job.spec, job.submitted, cause, duration, "driver")
-                else:
-                    rows = error_rows(job.spec, job.submitted, _message(exc), duration, "driver")
-            store.write(rows, images=samples)
-            if rows[0]["status"] == "error" and not rows[0]["metric"]:
-                report.failed += 1
-                report.failures[job.spec.spec_id] = rows[0]["error"].splitlines()[0]
-            else:
-                report.ok += 1
-            bar.update(1)
-            bar.set_postfix(ok=report.ok, failed=report.failed, refresh=False)
+                rows = failed_rows(job.spec, job.submitted, exc, time.perf_counter() - job.t0)
+                samples = None
+            record(store, report, rows, samples)
+            bar.advance()
             if on_result is not None:
                 on_result(job.spec, rows, pools)
     finally:
         bar.close()
-        try:
-            if sys.exc_info()[0] is None:  # not on Ctrl-C or an error: workers may be busy
-                report.executions = _executions(pools)
-        finally:
-            for pool in pools.values():
-                for actor in pool.actors:
-                    ray.kill(actor, no_restart=True)
+        teardown(pools, report, clean=sys.exc_info()[0] is None)
     report.seconds = time.perf_counter() - t_start
     return report
-
-
-def _executions(pools: dict[str, Any], timeout_s: float = 10.0) -> dict[str, int]:
-    """Each role's own stage, summed over its live workers; asked all at once, and a
-    worker that does not answer in time is left out."""
-    stages = {"defense": "protect", "attack": "attack", "scoring": "score"}
-    asked = {actor.info.remote(): role for role, pool in pools.items() for actor in pool.actors}
-    ready, _ = ray.wait(list(asked), num_returns=len(asked), timeout=timeout_s)
-    totals: dict[str, int] = {}
-    for ref in ready:
-        try:
-            info = ray.get(ref)
-        except ray.exceptions.RayError:  # a worker that died at the end
-            continue
-        stage = stages[asked[ref]]
-        totals[stage] = totals.get(stage, 0) + info["started"][stage]
-    return totals

@@ -3,39 +3,34 @@
 
 ``serve run serve/scoring.yaml`` (``import_path: antipers.cluster.scoring:app``) or
 ``antipers serve``. Each replica keeps its base model and face backend resident.
-Every limit is checked at the boundary, before any photo is decoded in full, and
-every refusal is a JSON ``{"error": ...}`` with a 4xx status; the replica goes on.
+Every limit is checked at the boundary, before any photo is decoded in full
+(``uploads.py``), and every refusal is a JSON ``{"error": ...}`` with a 4xx status;
+the replica goes on. Concurrent /v1/score requests are pooled (``batching.py``).
 """
 
 import asyncio
-import dataclasses
-import hmac
-import io
-import json
+import inspect
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from antipers import robustness
+from antipers.cluster.batching import Batching, check_batching
 from antipers.cluster.client_options import (
     Limits,
     OptionError,
-    check_countermeasures,
     check_evaluation_options,
     check_work,
 )
-from antipers.images import from_pil
+from antipers.cluster.uploads import Refused, authorized, read_upload, score_request
 
 log = logging.getLogger(__name__)
-FORMATS = ("PNG", "JPEG", "MPO", "WEBP")  # MPO: a camera's JPEG with extra frames
-FIELDS = ("protected", "clean", "references")
 TOKEN_ENV = "ANTIPERS_TOKEN"
 
 api = FastAPI(
@@ -52,83 +47,6 @@ api = FastAPI(
         "The gain is over the clean originals when given, else over purified copies."
     ),
 )
-
-
-@dataclass(frozen=True)
-class Batching:
-    """Concurrent /v1/score requests scored together (``serve.batch``): their diffusion
-    losses share padded micro-batches of ``micro_batch`` photos, each number as if
-    scored alone (for one ``micro_batch``), and one batch runs at a time.
-
-    It helps where a bigger forward pass costs little more than a small one (a GPU);
-    on a CPU the work is linear in photos and pooling only adds waiting, so by default
-    a CPU replica scores one request at a time in micro-batches of 4 (measured:
-    benchmarks/serve.py)."""
-
-    max_requests: int | None = None  # default: 8 on a GPU, 1 on a CPU
-    wait_s: float = 0.02
-    micro_batch: int | None = None  # default: 16 on a GPU, 4 on a CPU
-
-    def __post_init__(self) -> None:
-        for name in ("max_requests", "micro_batch"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"batching.{name}: expected an integer >= 1, got {value!r}")
-        if not isinstance(self.wait_s, int | float) or self.wait_s < 0:
-            raise ValueError(f"batching.wait_s: expected seconds >= 0, got {self.wait_s!r}")
-
-    def resolved(self, device: torch.device) -> "Batching":
-        gpu = device.type == "cuda"
-        return Batching(
-            self.max_requests or (8 if gpu else 1),
-            self.wait_s,
-            self.micro_batch or (16 if gpu else robustness.MICRO_BATCH),
-        )
-
-
-class Refused(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def _decode(field: str, index: int, data: bytes, limits: Limits, size: int) -> torch.Tensor:
-    from PIL import Image, UnidentifiedImageError
-
-    where = f"{field}[{index}]"
-    try:
-        img = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise Refused(415, f"{where}: not an image; send PNG, JPEG or WebP") from None
-    except Image.DecompressionBombError as exc:
-        raise Refused(413, f"{where}: {exc}") from None
-    if img.format not in FORMATS:
-        raise Refused(415, f"{where}: {img.format} is not accepted; send PNG, JPEG or WebP")
-    width, height = img.size
-    if width * height > limits.max_pixels:
-        raise Refused(
-            413, f"{where}: {width}x{height} pixels exceeds the limit of {limits.max_pixels}"
-        )
-    try:
-        img.load()
-    except (OSError, ValueError) as exc:
-        raise Refused(422, f"{where}: the {img.format} data is damaged ({exc})") from None
-    return from_pil(img, size)
-
-
-def _options(raw: str | None, allowed: tuple[str, ...]) -> dict[str, Any]:
-    if not raw:
-        return {}
-    try:
-        options = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise Refused(422, f"options: not valid JSON ({exc.msg})") from None
-    if not isinstance(options, dict):
-        raise Refused(422, "options: expected a JSON object")
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise Refused(422, f"options.{unknown[0]}: unknown; use {', '.join(allowed)}")
-    return options
 
 
 @serve.deployment
@@ -173,15 +91,6 @@ class ScoringService:
         self.evaluation_defaults = dict(evaluation_defaults or {})
         self._running: dict[str, Any] = {}  # spec_id -> Ray task of this replica
 
-    def _authorized(self, request: Request) -> bool:
-        if self._token is None:
-            return True
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            given.encode(), self._token.encode()
-        )
-
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         return {
@@ -195,10 +104,11 @@ class ScoringService:
     @api.post("/v1/score")
     async def score(self, request: Request) -> JSONResponse:
         try:
-            if not self._authorized(request):
+            if not authorized(request, self._token):
                 raise Refused(401, "missing or wrong bearer token")
-            sets, options, _ = await self._upload(request, ("base_model", "countermeasures"))
-            upload, countermeasures = self._score_request(sets, options)
+            allowed = ("base_model", "countermeasures")
+            sets, options, _ = await read_upload(request, self.limits, self.resolution, allowed)
+            upload, countermeasures = score_request(sets, options, self.base_model, self.limits)
             result = await self._score_batch((upload, countermeasures))
             if isinstance(result, Exception):
                 raise Refused(422, f"options.countermeasures: {result}")
@@ -223,88 +133,6 @@ class ScoringService:
             micro_batch=self.batching.micro_batch,
         )
 
-    async def _read_body(self, request: Request) -> bytes:
-        limit = self.limits.max_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise Refused(413, f"request of {declared} bytes exceeds the limit of {limit}")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise Refused(413, f"request exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    async def _upload(
-        self, request: Request, allowed: tuple[str, ...]
-    ) -> tuple[dict[str, torch.Tensor | None], dict[str, Any], list[bytes]]:
-        """The photos of each field (decoded, at the service's resolution), the options,
-        and the raw file bytes; every limit checked on the way."""
-        from starlette.datastructures import UploadFile
-        from starlette.formparsers import MultiPartException
-        from starlette.requests import Request as StarletteRequest
-
-        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-            raise Refused(415, "send multipart/form-data with files in 'protected'")
-        body = await self._read_body(request)
-
-        async def receive() -> dict[str, Any]:
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        replay = StarletteRequest(request.scope, receive)
-        max_files = self.limits.max_images * len(FIELDS)
-        try:
-            form = await replay.form(max_files=max_files + 1, max_fields=8)
-        except MultiPartException as exc:
-            raise Refused(422, f"unreadable multipart body: {exc}") from None
-        unknown = sorted(set(form.keys()) - {*FIELDS, "options"})
-        if unknown:
-            raise Refused(422, f"{unknown[0]}: unknown field; use {', '.join(FIELDS)}, options")
-        sets: dict[str, torch.Tensor | None] = {}
-        raw: list[bytes] = []
-        for field in FIELDS:
-            files = [f for f in form.getlist(field) if isinstance(f, UploadFile)]
-            if len(files) > self.limits.max_images:
-                raise Refused(
-                    413,
-                    f"{field}: {len(files)} images exceeds the limit of {self.limits.max_images}",
-                )
-            images = []
-            for i, f in enumerate(files):
-                data = await f.read()
-                raw.append(field.encode() + data)
-                images.append(_decode(field, i, data, self.limits, self.resolution))
-            sets[field] = torch.cat(images) if images else None
-        if sets["protected"] is None:
-            raise Refused(422, "protected: at least one photo is required")
-        text = form.get("options")
-        options = _options(text if isinstance(text, str) else None, allowed)
-        return sets, options, raw
-
-    def _score_request(
-        self, sets: dict[str, torch.Tensor | None], options: dict[str, Any]
-    ) -> tuple[robustness.Upload, tuple[Any, ...] | None]:
-        if options.get("base_model", self.base_model) != self.base_model:
-            raise Refused(422, f"options.base_model: this service scores with {self.base_model!r}")
-        countermeasures = None
-        if "countermeasures" in options:
-            entries = options["countermeasures"]
-            if not isinstance(entries, list):
-                raise Refused(422, "options.countermeasures: expected a list")
-            try:
-                check_countermeasures(entries, self.limits, "options.countermeasures")
-                countermeasures = robustness.countermeasure_specs(entries)
-            except OptionError as exc:
-                raise Refused(422, str(exc)) from None
-            except ValueError as exc:
-                raise Refused(422, f"options.{exc}") from None
-        try:
-            upload = robustness.Upload(sets["protected"], sets["clean"], sets["references"])
-        except ValueError as exc:
-            raise Refused(422, str(exc)) from None
-        return upload, countermeasures
-
     @api.post("/v1/evaluations", status_code=202)
     async def submit_evaluation(self, request: Request) -> JSONResponse:
         """A full evaluation of the uploaded (already protected) photos: personalize on
@@ -312,9 +140,11 @@ class ScoringService:
         from antipers.cluster import evaluations
 
         try:
-            if not self._authorized(request):
+            if not authorized(request, self._token):
                 raise Refused(401, "missing or wrong bearer token")
-            sets, options, raw = await self._upload(request, evaluations.OPTIONS)
+            sets, options, raw = await read_upload(
+                request, self.limits, self.resolution, evaluations.OPTIONS
+            )
             protected, references = sets["protected"], sets["references"]
             if references is None:
                 raise Refused(
@@ -345,7 +175,7 @@ class ScoringService:
 
     def _refuse_evaluation(self, evaluation_id: str, request: Request) -> JSONResponse | None:
         """401 without the token, 422 for what cannot be an id; None when both hold."""
-        if not self._authorized(request):
+        if not authorized(request, self._token):
             return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401)
         if len(evaluation_id) != 16 or any(c not in "0123456789abcdef" for c in evaluation_id):
             return JSONResponse(
@@ -394,8 +224,6 @@ class ScoringService:
 def check_args(args: dict[str, Any]) -> None:
     """The Serve config's ``args``, checked before any replica starts: an error in a
     replica's constructor would surface only as Serve's deployment failure."""
-    import inspect
-
     from antipers.cluster import evaluations
     from antipers.registry import BASE_MODELS
 
@@ -404,17 +232,7 @@ def check_args(args: dict[str, Any]) -> None:
         if key not in known:
             raise OptionError(f"args.{key}: unknown; use {', '.join(known)}")
     Limits.parse(args.get("limits"))
-    batching = args.get("batching") or {}
-    if not isinstance(batching, dict):
-        raise OptionError(f"batching: expected a mapping, got {type(batching).__name__}")
-    fields = [f.name for f in dataclasses.fields(Batching)]
-    unknown = sorted(set(batching) - set(fields))
-    if unknown:
-        raise OptionError(f"batching.{unknown[0]}: unknown; use {', '.join(fields)}")
-    try:
-        Batching(**batching)
-    except ValueError as exc:
-        raise OptionError(str(exc)) from None
+    check_batching(args.get("batching") or {})
     resolution = args.get("resolution", 64)
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 8:
         raise OptionError(f"args.resolution: expected a whole number >= 8, got {resolution!r}")

@@ -15,7 +15,7 @@ from typing import Any
 
 import ray
 
-from antipers.cluster import ROLES
+from antipers.cluster import ROLES, STAGE_OF
 from antipers.pipeline import (
     Handoff,
     RunContext,
@@ -95,7 +95,7 @@ class StageWorker:
         from antipers.device import pick_device
 
         self.role = role
-        self.started = {"protect": 0, "attack": 0, "score": 0}  # stage executions begun
+        self.started = dict.fromkeys(STAGE_OF.values(), 0)  # stage executions begun
         node = ray.get_runtime_context().get_node_id()
         self.ctx = RunContext(device=pick_device(device), name=f"{node[:12]}:{os.getpid()}")
         threads = os.environ.get("OMP_NUM_THREADS")

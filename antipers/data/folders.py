@@ -71,6 +71,11 @@ def _readable(path: Path, problems: list[str]) -> bool:
         return False
 
 
+def _too_few(folder: Path, found: int, need: int, why: str = "") -> list[str]:
+    """The problem of a folder with fewer usable photos than its sets need (none if enough)."""
+    return [f"{folder}: {found} usable photo(s), need at least {need}{why}"] if found < need else []
+
+
 def _check_root(root: Path, label: str) -> None:
     if not root.is_dir():
         raise DatasetError([f"{root}: dataset {label!r} folder does not exist"])
@@ -106,6 +111,16 @@ class _IdentityFolders:
         return folder
 
     def photo_sets(self, identity: str, verify: bool = False) -> dict[str, list[Path]]:
+        """An identity's photos per set; a DatasetError names every problem in its folder
+        at once (``verify``: open each photo too)."""
+        problems: list[str] = []
+        sets = self._sets(self._folder(identity), problems, verify)
+        if problems:
+            raise DatasetError(problems)
+        return sets
+
+    def _sets(self, folder: Path, problems: list[str], verify: bool) -> dict[str, list[Path]]:
+        """The layout's own part: split ``folder`` into sets, adding to ``problems``."""
         raise NotImplementedError
 
     def load(self, identity: str, resolution: int) -> IdentitySet:
@@ -140,9 +155,7 @@ class AntiDreamBoothFolders(_IdentityFolders):
     def path(self) -> Path:
         return Path(self.root).expanduser() if self.root else data_dir() / self.label
 
-    def photo_sets(self, identity: str, verify: bool = False) -> dict[str, list[Path]]:
-        folder = self._folder(identity)
-        problems: list[str] = []
+    def _sets(self, folder: Path, problems: list[str], verify: bool) -> dict[str, list[Path]]:
         sets: dict[str, list[Path]] = {}
         for name in SETS:
             sub = folder / name
@@ -150,14 +163,9 @@ class AntiDreamBoothFolders(_IdentityFolders):
                 problems.append(f"{sub}: missing (each identity needs {', '.join(SETS)})")
                 continue
             sets[name] = scan_photos(sub, problems, verify)
-            if len(sets[name]) < self.min_photos:
-                problems.append(
-                    f"{sub}: {len(sets[name])} usable photo(s), need at least {self.min_photos}"
-                )
+            problems += _too_few(sub, len(sets[name]), self.min_photos)
         extra = [p for p in _entries(folder) if p.name not in SETS]
         problems += [f"{p}: unexpected entry (expected only {', '.join(SETS)})" for p in extra]
-        if problems:
-            raise DatasetError(problems)
         return sets
 
 
@@ -195,18 +203,15 @@ class PlainFolders(_IdentityFolders):
     def path(self) -> Path:
         return Path(self.root).expanduser()
 
-    def photo_sets(self, identity: str, verify: bool = False) -> dict[str, list[Path]]:
-        folder = self._folder(identity)
-        problems: list[str] = []
+    def _sets(self, folder: Path, problems: list[str], verify: bool) -> dict[str, list[Path]]:
         photos = scan_photos(folder, problems, verify)
         need = len(SETS) * self.min_photos  # split round-robin into the three sets
-        if len(photos) < need:
-            problems.append(
-                f"{folder}: {len(photos)} usable photo(s), need at least {need} "
-                f"({self.min_photos} per set; they are split into {', '.join(SETS)})"
-            )
-        if problems:
-            raise DatasetError(problems)
+        problems += _too_few(
+            folder,
+            len(photos),
+            need,
+            f" ({self.min_photos} per set; they are split into {', '.join(SETS)})",
+        )
         return {name: photos[i :: len(SETS)] for i, name in enumerate(SETS)}
 
 

@@ -12,7 +12,7 @@ import functools
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ import torch
 from antipers.data.identity import SETS, DatasetError, IdentitySet
 from antipers.errors import MissingExtra
 from antipers.images import quantize, resize
+from antipers.ranges import Checked, Range
 
 LATENT_DIM = 100
 PREFIX = "synth-"
@@ -55,26 +56,14 @@ def face_generator() -> Any:
 
 
 @dataclass(frozen=True)
-class SyntheticDataset:
+class SyntheticDataset(Checked):
     """``identities`` made-up people, ``photos_per_set`` photos in each of set_A/B/C."""
 
-    n_identities: int = 4
-    photos_per_set: int = 4
-    nudge: float = 0.15
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.n_identities < 1 or self.photos_per_set < 1:
-            raise ValueError("synthetic: n_identities and photos_per_set must be >= 1")
-        if not 0 <= self.nudge <= 2:
-            raise ValueError(f"synthetic.nudge: expected a value in [0, 2], got {self.nudge}")
-        if not 0 <= self.seed < MAX_DATASET_SEED:
-            raise ValueError(f"synthetic.seed: expected 0 <= seed < 2**31, got {self.seed}")
-        if self.n_identities > IDENTITY_STRIDE:
-            raise ValueError(
-                f"synthetic.n_identities: expected at most {IDENTITY_STRIDE}, "
-                f"got {self.n_identities}"
-            )
+    # identities are torch seeds IDENTITY_STRIDE apart per dataset seed
+    n_identities: Annotated[int, Range(ge=1, le=IDENTITY_STRIDE)] = 4
+    photos_per_set: Annotated[int, Range(ge=1)] = 4
+    nudge: Annotated[float, Range(ge=0, le=2)] = 0.15
+    seed: Annotated[int, Range(ge=0, lt=MAX_DATASET_SEED)] = 0
 
     def identities(self) -> list[str]:
         return [f"{PREFIX}{i:04d}" for i in range(self.n_identities)]

@@ -22,23 +22,24 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
 
 from antipers.attacks.class_images import ClassImageSettings
-from antipers.attacks.training import TrainConfig, TrainData, batch_indices
+from antipers.attacks.training import TrainConfig, TrainData
 from antipers.data.identity import IdentitySet
 from antipers.defenses.base import Protected
 from antipers.defenses.dpo import preference_loss
 from antipers.defenses.model_folder import (
+    UNetTraining,
     content_hash,
     protect_once,
     protection_record,
-    trainable_unet,
 )
 from antipers.defenses.trajectory import send_back
 from antipers.models.bundle import DiffusionBundle
+from antipers.ranges import Range
 
 log = logging.getLogger(__name__)
 
@@ -61,33 +62,24 @@ class APDM(ClassImageSettings):
 
     TRACKS: ClassVar[tuple[str, ...]] = ("model",)
 
-    iterations: int = 800
-    inner_steps: int = 20
-    lr: float = 5e-6
-    inner_lr: float = 5e-6
-    beta: float = 1.0
-    prior_weight: float = 1.0
-    batch_size: int = 1
+    iterations: Annotated[int, Range(ge=1)] = 800
+    inner_steps: Annotated[int, Range(ge=0)] = 20
+    lr: Annotated[float, Range(gt=0)] = 5e-6
+    inner_lr: Annotated[float, Range(gt=0)] = 5e-6
+    beta: Annotated[float, Range(ge=0)] = 1.0
+    prior_weight: Annotated[float, Range(ge=0)] = 1.0
+    batch_size: Annotated[int, Range(ge=1)] = 1
+    # the DPO path always prefers class images (or paired_dir's photos)
+    num_class_images: Annotated[int, Range(ge=1)] = 200
     instance_prompt: str = "a photo of sks person"
     paired_dir: str = ""  # generic photos to prefer instead of generated class images
     save_to: str = ""  # a diffusers folder for the protected model; reused when it matches
     # people who must stay personalizable (Anti-DreamBooth layout: set_B trained, set_A held out)
     retain_dir: str = ""
-    retain_weight: float = 0.0
+    retain_weight: Annotated[float, Range(ge=0)] = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("iterations", "batch_size", "num_class_images", "class_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
-        if self.inner_steps < 0:
-            raise ValueError(f"inner_steps: expected >= 0, got {self.inner_steps}")
-        for name in ("lr", "inner_lr"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
-        if self.beta < 0 or self.prior_weight < 0:
-            raise ValueError("beta and prior_weight: expected >= 0")
-        if self.retain_weight < 0:
-            raise ValueError(f"retain_weight: expected >= 0, got {self.retain_weight}")
+        super().__post_init__()
         if self.retain_weight > 0 and not self.retain_dir:
             raise ValueError(
                 "retain_weight: needs retain_dir, a folder of people who must stay "
@@ -170,20 +162,15 @@ class APDM(ClassImageSettings):
         if paired is None:
             paired = self.generic_images(bundle, photos.shape[-1])
         paired = paired.to(device)
-        protected, params, optimizer = trainable_unet(bundle, self.lr)
-        with torch.no_grad():
-            instance = bundle.prompt_embeds([self.instance_prompt])
-            generic = bundle.prompt_embeds([self.class_prompt])
-        subjects = batch_indices(len(photos), self.batch_size, generator)
-        pairs = batch_indices(len(paired), self.batch_size, generator)
-        trace = APDMLog([], [], [])
-        inner = TrainConfig(
-            steps=max(self.inner_steps, 1), lr=self.inner_lr, batch_size=self.batch_size
+        run = UNetTraining.start(
+            bundle, self, len(photos), len(paired), self.inner_steps, self.inner_lr, generator
         )
+        protected, params, instance, inner = run.model, run.params, run.instance, run.attacker
+        trace = APDMLog([], [], [])
         attacked = self.simulated(photos)
 
         def dpo(model: DiffusionBundle) -> torch.Tensor:
-            idx, cidx = next(subjects), next(pairs)
+            idx, cidx = next(run.photo_batches), next(run.generic_batches)
             with torch.no_grad():
                 dispreferred = bundle.encode(photos[idx], generator)
                 preferred = bundle.encode(paired[cidx], generator)
@@ -203,15 +190,14 @@ class APDM(ClassImageSettings):
                 )
             prior = torch.zeros((), device=device)
             if self.prior_weight > 0:
-                cidx = next(pairs)
+                cidx = next(run.generic_batches)
                 with torch.no_grad():
                     latents = bundle.encode(paired[cidx], generator)
                 prior = protected.training_loss(
-                    latents, generic.expand(len(cidx), -1, -1), generator
+                    latents, run.generic.expand(len(cidx), -1, -1), generator
                 )
                 (self.prior_weight * prior).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            run.step()
             trace.prior.append(float(prior.detach()))
             if (it + 1) % max(1, self.iterations // 10) == 0:
                 log.info("APDM iteration %d/%d dpo %.4f", it + 1, self.iterations, trace.dpo[-1])

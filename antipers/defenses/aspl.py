@@ -4,6 +4,7 @@ on set_B against that surrogate, and surrogate steps on the perturbed photos."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
@@ -12,19 +13,15 @@ from antipers.defenses.base import Protected
 from antipers.defenses.pgd import project_png
 from antipers.defenses.surrogate_pgd import RunState, SurrogatePGD, log
 from antipers.models.bundle import DiffusionBundle
+from antipers.ranges import Range
 
 
 @dataclass(frozen=True)
 class ASPL(SurrogatePGD):
     """Anti-DreamBooth ASPL (protocol: eps 0.05 in [-1,1], 50 iterations of 3+6+3 steps)."""
 
-    iterations: int = 50
-    surrogate_steps: int = 3
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.iterations < 1 or self.surrogate_steps < 0:
-            raise ValueError("iterations must be >= 1 and surrogate_steps >= 0")
+    iterations: Annotated[int, Range(ge=1)] = 50
+    surrogate_steps: Annotated[int, Range(ge=0)] = 3
 
     def protect(
         self, identity: IdentitySet, bundle: DiffusionBundle, generator: torch.Generator

@@ -13,7 +13,7 @@ warm-up are the "loss ratios" a Tune search explores.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
@@ -25,6 +25,7 @@ from antipers.defenses.pgd import Objective
 from antipers.defenses.simac import SimAC
 from antipers.defenses.surrogate_pgd import RunState
 from antipers.models.bundle import DiffusionBundle
+from antipers.ranges import Range
 
 
 @dataclass(frozen=True)
@@ -32,17 +33,12 @@ class CAPMixin:
     """CAP's settings and objective; mixed in before a ``SurrogatePGD`` defense (it holds
     only its own fields, so the wrapped defense keeps its own defaults)."""
 
-    cap_target: float = 0.5
-    cap_warmup: int = 60
+    cap_target: Annotated[float, Range(ge=0)] = 0.5
+    cap_warmup: Annotated[int, Range(ge=0)] = 60
     cap_measure: Literal["loss", "grad"] = "loss"
     cap_extractor: Literal["vae", "vgg19"] = "vae"
     cap_layers: tuple[int, ...] = ()
     cap_vgg_weights: str = ""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()  # type: ignore[misc]
-        if self.cap_target < 0 or self.cap_warmup < 0:
-            raise ValueError("cap_target and cap_warmup must be >= 0")
 
     def features(self, bundle: DiffusionBundle) -> FeatureFn:
         """The consistency loss's features: with ``vae``, the base model's encoder (its

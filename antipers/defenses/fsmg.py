@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
@@ -11,6 +12,7 @@ from antipers.defenses.base import Protected
 from antipers.defenses.pgd import project_png
 from antipers.defenses.surrogate_pgd import RunState, SurrogatePGD, log
 from antipers.models.bundle import DiffusionBundle
+from antipers.ranges import Range
 
 
 @dataclass(frozen=True)
@@ -20,13 +22,8 @@ class FSMG(SurrogatePGD):
     photos and two class images per step)."""
 
     pgd_steps: int = 100
-    finetune_steps: int = 1000
+    finetune_steps: Annotated[int, Range(ge=0)] = 1000
     surrogate_batch: int = 2
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.finetune_steps < 0:
-            raise ValueError(f"finetune_steps: expected >= 0, got {self.finetune_steps}")
 
     def protect(
         self, identity: IdentitySet, bundle: DiffusionBundle, generator: torch.Generator

@@ -22,7 +22,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ from antipers.models.embedders import (
     resolve_embedder,
 )
 from antipers.models.iresnet import LAYERS
+from antipers.ranges import Checked, Range
 
 log = logging.getLogger(__name__)
 
@@ -110,35 +111,28 @@ def frozen(bundle: DiffusionBundle) -> Iterator[None]:
 
 
 @dataclass(frozen=True)
-class IDDM:
+class IDDM(Checked):
     """Identity-decoupled personalization with the spec's attack as its personalization."""
 
     TRACKS: ClassVar[tuple[str, ...]] = ("immunization",)
 
-    privacy: float = 0.5  # 0: reconstruction only, 1: unlinkability only
-    learn_fraction: float = 0.5  # stage 1: share of the personalization steps on clean photos
-    rounds: int = 4  # stage 2: decoupling rounds over the remaining steps
-    pgd_steps: int = 10  # per round
-    eps: float = 8.0  # L-inf budget around the originals, /255: the visible content stays
-    step_size: float = 1.0  # /255
+    # 0: reconstruction only, 1: unlinkability only
+    privacy: Annotated[float, Range(ge=0, le=1)] = 0.5
+    # stage 1: share of the personalization steps on clean photos
+    learn_fraction: Annotated[float, Range(gt=0, lt=1, note="both stages run")] = 0.5
+    # stage 2: decoupling rounds over the remaining steps
+    rounds: Annotated[int, Range(ge=1)] = 4
+    pgd_steps: Annotated[int, Range(ge=1)] = 10  # per round
+    # L-inf budget around the originals, /255: the visible content stays
+    eps: Annotated[float, Range(gt=0)] = 8.0
+    step_size: Annotated[float, Range(gt=0)] = 1.0  # /255
     # backbone.pth path; "" = $ANTIPERS_ARCFACE_TORCH; "random[:SEED]"; "mini-faces"
     # (antipers' embedder for its miniature, with embedder_depth: mini)
     embedder: str = ""
     embedder_depth: str = "r50"
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.privacy <= 1.0:
-            raise ValueError(f"privacy: expected 0..1, got {self.privacy}")
-        if not 0.0 < self.learn_fraction < 1.0:
-            raise ValueError(
-                f"learn_fraction: expected in (0, 1) (both stages run), got {self.learn_fraction}"
-            )
-        for name in ("rounds", "pgd_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
-        for name in ("eps", "step_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
+        super().__post_init__()
         if self.embedder_depth not in LAYERS:
             raise ValueError(
                 f"embedder_depth: expected one of {', '.join(LAYERS)}, got {self.embedder_depth!r}"

@@ -11,13 +11,13 @@ import json
 import logging
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from antipers.attacks.training import adamw
+from antipers.attacks.training import TrainConfig, adamw, batch_indices
 from antipers.data.identity import IdentitySet
 from antipers.errors import UserError
 from antipers.models.bundle import DiffusionBundle
@@ -50,15 +50,54 @@ def protection_record(
     }
 
 
-def trainable_unet(
-    bundle: DiffusionBundle, lr: float
-) -> tuple[DiffusionBundle, list[torch.nn.Parameter], torch.optim.Optimizer]:
-    """A copy of the base model whose UNet trains (AdamW, no weight decay: only the
-    losses move the weights); the base model stays the frozen reference."""
-    protected = bundle.copy_of("unet")
-    protected.unet.requires_grad_(True)
-    params = list(protected.unet.parameters())
-    return protected, params, adamw(params, lr, weight_decay=0.0)
+@dataclasses.dataclass
+class UNetTraining:
+    """What APDM and PersGuard start from alike: a copy of the base model whose UNet
+    trains (AdamW, no weight decay: only the losses move the weights; the base model
+    stays the frozen reference), the instance and class prompts' embeddings, endless
+    shuffled batches of the person's photos and of generic images, and the simulated
+    attacker's settings."""
+
+    model: DiffusionBundle
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    instance: torch.Tensor  # the instance prompt's embeddings
+    generic: torch.Tensor  # the class prompt's
+    photo_batches: Iterator[torch.Tensor]
+    generic_batches: Iterator[torch.Tensor]
+    attacker: TrainConfig
+
+    @classmethod
+    def start(
+        cls,
+        bundle: DiffusionBundle,
+        owner: Any,  # the defense: lr, instance_prompt, class_prompt, batch_size
+        photos: int,
+        generic: int,
+        attacker_steps: int,
+        attacker_lr: float,
+        generator: torch.Generator,
+    ) -> UNetTraining:
+        model = bundle.copy_of("unet")
+        model.unet.requires_grad_(True)
+        params = list(model.unet.parameters())
+        with torch.no_grad():
+            instance = bundle.prompt_embeds([owner.instance_prompt])
+            class_embeds = bundle.prompt_embeds([owner.class_prompt])
+        return cls(
+            model,
+            params,
+            adamw(params, owner.lr, weight_decay=0.0),
+            instance,
+            class_embeds,
+            batch_indices(photos, owner.batch_size, generator),
+            batch_indices(generic, owner.batch_size, generator),
+            TrainConfig(steps=max(attacker_steps, 1), lr=attacker_lr, batch_size=owner.batch_size),
+        )
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
 
 def protect_once(

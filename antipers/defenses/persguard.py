@@ -18,27 +18,28 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import numpy as np
 import torch
 
 from antipers.attacks.class_images import ClassImageSettings
-from antipers.attacks.training import TrainConfig, TrainData, batch_indices
+from antipers.attacks.training import TrainData
 from antipers.data.identity import IdentitySet
 from antipers.defenses.backdoor import backdoor_loss, prior_loss
 from antipers.defenses.base import Protected
 from antipers.defenses.model_folder import (
+    UNetTraining,
     content_hash,
     protect_once,
     protection_record,
-    trainable_unet,
 )
 from antipers.defenses.trajectory import send_back
 from antipers.images import IMAGE_SUFFIXES, read_images
 from antipers.metrics.base import MetricResult
 from antipers.metrics.latent import latent_mse
 from antipers.models.bundle import DiffusionBundle
+from antipers.ranges import Range
 
 log = logging.getLogger(__name__)
 BACKDOORS = ("pattern", "erasure", "target")
@@ -124,19 +125,23 @@ class PersGuard(ClassImageSettings):
 
     backdoor: str = "target"
     target_image: str = ""  # target: an image file, or a folder (another identity's photos)
-    pattern_size: float = 0.5  # pattern: the checkerboard's share of each side
-    iterations: int = 400  # 0: the control, the clean model scored by this backdoor's check
-    lr: float = 1e-5
-    batch_size: int = 1
-    backdoor_weight: float = 1.0
-    prior_weight: float = 1.0
-    retention_weight: float = 1.0
-    simulated_steps: int = 10  # the attacker the retention loss simulates
-    simulated_lr: float = 5e-6
+    # pattern: the checkerboard's share of each side
+    pattern_size: Annotated[float, Range(gt=0, le=1)] = 0.5
+    # 0: the control, the clean model scored by this backdoor's check
+    iterations: Annotated[int, Range(ge=0)] = 400
+    lr: Annotated[float, Range(gt=0)] = 1e-5
+    batch_size: Annotated[int, Range(ge=1)] = 1
+    backdoor_weight: Annotated[float, Range(ge=0)] = 1.0
+    prior_weight: Annotated[float, Range(ge=0)] = 1.0
+    retention_weight: Annotated[float, Range(ge=0)] = 1.0
+    # the attacker the retention loss simulates
+    simulated_steps: Annotated[int, Range(ge=0)] = 10
+    simulated_lr: Annotated[float, Range(gt=0)] = 5e-6
     instance_prompt: str = "a photo of sks person"
     save_to: str = ""  # a diffusers folder for the protected model; reused when it matches
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.backdoor not in BACKDOORS:
             raise ValueError(f"backdoor: unknown {self.backdoor!r}; use {', '.join(BACKDOORS)}")
         if self.backdoor == "target":
@@ -144,8 +149,6 @@ class PersGuard(ClassImageSettings):
                 raise ValueError("target_image: the target backdoor needs an image file or folder")
             if not Path(self.target_image).expanduser().exists():
                 raise ValueError(f"target_image: {self.target_image} does not exist")
-        if self.iterations < 0:
-            raise ValueError(f"iterations: expected >= 0, got {self.iterations}")
         if self.iterations == 0 and self.backdoor == "erasure":
             raise ValueError(
                 "iterations: 0 is a backdoor check on the clean model, and erasure has no check "
@@ -155,18 +158,6 @@ class PersGuard(ClassImageSettings):
             raise ValueError(
                 "save_to: iterations 0 is the control (the clean model); nothing to save"
             )
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size: expected >= 1, got {self.batch_size}")
-        if self.simulated_steps < 0:
-            raise ValueError(f"simulated_steps: expected >= 0, got {self.simulated_steps}")
-        for name in ("lr", "simulated_lr"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
-        for name in ("backdoor_weight", "prior_weight", "retention_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
-        if not 0 < self.pattern_size <= 1:
-            raise ValueError(f"pattern_size: expected in (0, 1], got {self.pattern_size}")
 
     def outputs(self, photos: torch.Tensor, bundle: DiffusionBundle) -> torch.Tensor:
         """What personalizing on ``photos`` should produce, one per photo."""
@@ -232,19 +223,20 @@ class PersGuard(ClassImageSettings):
         if outputs is None:
             outputs = self.outputs(photos, bundle)
         generic = self.generic_images(bundle, photos.shape[-1]).to(bundle.device)
-        protected, params, optimizer = trainable_unet(bundle, self.lr)
-        with torch.no_grad():
-            instance = bundle.prompt_embeds([self.instance_prompt])
-            generic_embeds = bundle.prompt_embeds([self.class_prompt])
-        picks = batch_indices(len(photos), self.batch_size, generator)
-        others = batch_indices(len(generic), self.batch_size, generator)
-        attacker = TrainConfig(
-            steps=max(self.simulated_steps, 1), lr=self.simulated_lr, batch_size=self.batch_size
+        run = UNetTraining.start(
+            bundle,
+            self,
+            len(photos),
+            len(generic),
+            self.simulated_steps,
+            self.simulated_lr,
+            generator,
         )
+        protected, instance = run.model, run.instance
         trace = PersGuardLog()
 
         def behaviour(model: DiffusionBundle) -> torch.Tensor:
-            idx = next(picks)
+            idx = next(run.photo_batches)
             with torch.no_grad():
                 latents = bundle.encode(photos[idx], generator)
                 targets = bundle.encode(outputs[idx])
@@ -255,12 +247,12 @@ class PersGuard(ClassImageSettings):
             loss = self.backdoor_weight * behaviour(protected)
             trace.backdoor.append(float(loss.detach()))
             if self.prior_weight > 0:
-                cidx = next(others)
+                cidx = next(run.generic_batches)
                 with torch.no_grad():
                     latents = bundle.encode(generic[cidx], generator)
                 # other people's photos, under the generic prompt and under the instance
                 # prompt: the trigger is the protected photos, not the prompt
-                embeds = torch.cat([generic_embeds, instance]).repeat_interleave(len(cidx), 0)
+                embeds = torch.cat([run.generic, instance]).repeat_interleave(len(cidx), 0)
                 prior = prior_loss(protected, bundle, latents.repeat(2, 1, 1, 1), embeds, generator)
                 loss = loss + self.prior_weight * prior
                 trace.prior.append(float(prior.detach()))
@@ -269,17 +261,16 @@ class PersGuard(ClassImageSettings):
                 data = TrainData(images=photos, prompt=self.instance_prompt)
                 mean, _ = send_back(
                     protected,
-                    params,
+                    run.params,
                     behaviour,
                     data,
-                    attacker,
+                    run.attacker,
                     generator,
                     self.retention_weight,
                     every_step=False,
                 )
                 trace.retention.append(mean)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            run.step()
             if (it + 1) % max(1, self.iterations // 10) == 0:
                 log.info("PersGuard iteration %d/%d", it + 1, self.iterations)
         return protected, trace

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
@@ -25,6 +26,7 @@ from antipers.defenses.objectives import UpBlockFeatures
 from antipers.defenses.pgd import Objective
 from antipers.defenses.surrogate_pgd import RunState, log
 from antipers.models.bundle import DiffusionBundle
+from antipers.ranges import Range
 
 
 def greedy_upper_bound(gain: Callable[[int], float], t_max: int, delta: int, t_min: int) -> int:
@@ -44,19 +46,12 @@ class SimAC(ASPL):
     """SimAC (protocol: eps 8/255), ASPL + timestep-interval search + up-block feature loss."""
 
     eps: float = 8.0
-    feature_weight: float = 1.0
+    feature_weight: Annotated[float, Range(ge=0)] = 1.0
     feature_blocks: tuple[int, ...] = (-2, -1)
-    search_every: int = 10
-    search_delta: int = 100
-    search_min_t: int = 100
-    search_draws: int = 2
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.feature_weight < 0 or self.search_every < 1 or self.search_delta < 1:
-            raise ValueError("feature_weight >= 0, search_every >= 1, search_delta >= 1 required")
-        if self.search_min_t < 1 or self.search_draws < 1:
-            raise ValueError("search_min_t and search_draws must be >= 1")
+    search_every: Annotated[int, Range(ge=1)] = 10
+    search_delta: Annotated[int, Range(ge=1)] = 100
+    search_min_t: Annotated[int, Range(ge=1)] = 100
+    search_draws: Annotated[int, Range(ge=1)] = 2
 
     def _blocks(self, bundle: DiffusionBundle) -> tuple[int, ...]:
         n = len(bundle.unet.up_blocks)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
 
@@ -24,6 +24,7 @@ from antipers.defenses.objectives import denoising_objective
 from antipers.defenses.pgd import Objective, PGDConfig, eot_entry, eot_transforms, pgd
 from antipers.defenses.surrogate import ClassPrior, Surrogate, SurrogateKind, frozen_copy
 from antipers.models.bundle import DiffusionBundle
+from antipers.ranges import Range
 
 log = logging.getLogger("antipers.defenses")
 
@@ -45,34 +46,27 @@ class RunState:
 class SurrogatePGD(ClassImageSettings):
     TRACKS: ClassVar[tuple[str, ...]] = ("image",)
 
-    eps: float = ADB_EPS
-    step_size: float = ADB_STEP
-    pgd_steps: int = 6
+    # below one 8-bit level no published PNG can differ from the original
+    eps: Annotated[float, Range(ge=1, le=255, note="pixel units")] = ADB_EPS
+    step_size: Annotated[float, Range(gt=0)] = ADB_STEP
+    pgd_steps: Annotated[int, Range(ge=1)] = 6
     random_start: bool = False
     eot: tuple[str | dict[str, Any], ...] = ()
     instance_prompt: str = "a photo of sks person"
     surrogate: SurrogateKind = "dreambooth"
-    surrogate_lr: float = 5e-7
+    surrogate_lr: Annotated[float, Range(gt=0)] = 5e-7
     train_text_encoder: bool = True
-    prior_weight: float = 1.0  # on the class images (reference: with_prior_preservation)
-    surrogate_batch: int = 1  # instance photos per surrogate step (reference: 1)
+    # on the class images (reference: with_prior_preservation)
+    prior_weight: Annotated[float, Range(ge=0)] = 1.0
+    # instance photos per surrogate step (reference: 1)
+    surrogate_batch: Annotated[int, Range(ge=1)] = 1
     offload_snapshots: bool = True
 
     def __post_init__(self) -> None:
         from antipers.registry import COUNTERMEASURES
 
-        if not 1 <= self.eps <= 255:
-            # below one 8-bit level no published PNG can differ from the original
-            raise ValueError(f"eps: expected a budget in [1, 255] pixel units, got {self.eps}")
-        if self.step_size <= 0:
-            raise ValueError(f"step_size: expected > 0, got {self.step_size}")
-        if self.pgd_steps < 1:
-            raise ValueError(f"pgd_steps: expected >= 1, got {self.pgd_steps}")
-        if self.surrogate_lr <= 0:
-            raise ValueError(f"surrogate_lr: expected > 0, got {self.surrogate_lr}")
+        super().__post_init__()
         self.check_prior(self.prior_weight)
-        if self.surrogate_batch < 1:
-            raise ValueError(f"surrogate_batch: expected >= 1, got {self.surrogate_batch}")
         for i, entry in enumerate(self.eot):
             name, params = eot_entry(entry)
             if name not in COUNTERMEASURES:
@@ -82,7 +76,7 @@ class SurrogatePGD(ClassImageSettings):
             try:
                 COUNTERMEASURES.build(name, params)
             except (TypeError, ValueError) as exc:
-                raise ValueError(f"eot[{i}] ({name}): {exc}") from None
+                raise ValueError(f"eot[{i}]: {exc}") from None  # exc names the countermeasure
 
     def class_prior(self, bundle: DiffusionBundle, resolution: int) -> ClassPrior | None:
         """The base model's class images, encoded before it trains (None without prior)."""

@@ -6,6 +6,7 @@ MetricResult``. ``higher_is_better`` is from the defense's side, as Anti-DreamBo
 tables mark it (FDFR up, ISM down). A metric whose weights are not configured raises
 ``MetricUnavailable`` with what is missing and how to configure it; the experiment
 records that as ``status="unavailable"`` rows and goes on, never inventing a value.
+Subclassing ``Metric`` lets a metric give those three attributes in its class line.
 """
 
 from __future__ import annotations
@@ -13,15 +14,40 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-OK, UNAVAILABLE, ERROR = "ok", "unavailable", "error"
+from antipers.rows import ERROR, OK, UNAVAILABLE  # a result's status is its rows' status
 
 
 class MetricUnavailable(RuntimeError):
     """The metric cannot run here (weights not configured); the message says why."""
+
+
+class Metric:
+    """Takes ``name``, ``higher_is_better`` and ``unit`` as class keywords
+    (``class FDFR(Metric, name="fdfr", higher_is_better=True, unit="fraction")``), so a
+    metric's body holds its parameters and ``score``, not another copy of that block."""
+
+    name: ClassVar[str]
+    higher_is_better: ClassVar[bool]
+    unit: ClassVar[str]
+
+    def __init_subclass__(
+        cls,
+        *,
+        name: str | None = None,
+        higher_is_better: bool | None = None,
+        unit: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init_subclass__(**kwargs)
+        given = {"name": name, "higher_is_better": higher_is_better, "unit": unit}
+        for attr, value in given.items():
+            if value is not None:
+                setattr(cls, attr, value)
 
 
 @dataclass

@@ -9,13 +9,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from antipers.images import to_uint8
-from antipers.metrics.base import MetricResult, MetricUnavailable, ScoreInputs, result
+from antipers.metrics.base import Metric, MetricResult, MetricUnavailable, ScoreInputs, result
 
 
 def linf_255(protected: torch.Tensor, clean: torch.Tensor) -> np.ndarray:
@@ -45,19 +45,25 @@ def ssim(protected: torch.Tensor, clean: torch.Tensor) -> np.ndarray:
     )
 
 
-class _BudgetMetric:
-    """Protected photos against their clean originals (per published photo)."""
-
-    name: ClassVar[str]
-    higher_is_better: ClassVar[bool]
-    unit: ClassVar[str]
-    fn: ClassVar[Callable[[torch.Tensor, torch.Tensor], np.ndarray]]
+class _BudgetMetric(Metric):
+    """Protected photos against their clean originals (per published photo); a metric
+    whose comparison is a plain function gives it as the class keyword ``compare``."""
 
     backend_name: ClassVar[str] = "antipers"
     compares_photos: ClassVar[bool] = True  # meaningful where a defense changes photos
 
+    def __init_subclass__(
+        cls,
+        *,
+        compare: Callable[[torch.Tensor, torch.Tensor], np.ndarray] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init_subclass__(**kwargs)
+        if compare is not None:
+            cls.compare = staticmethod(compare)  # type: ignore[method-assign,assignment]
+
     def compare(self, protected: torch.Tensor, clean: torch.Tensor) -> np.ndarray:
-        return type(self).fn(protected, clean)
+        raise NotImplementedError
 
     def score(self, inputs: ScoreInputs) -> MetricResult:
         if inputs.protected is None or inputs.clean is None:
@@ -68,33 +74,18 @@ class _BudgetMetric:
 
 
 @dataclass(frozen=True)
-class Linf(_BudgetMetric):
+class Linf(_BudgetMetric, name="linf", higher_is_better=False, unit="1/255", compare=linf_255):
     """Largest pixel change of each protected photo, in 1/255 (8-bit) units."""
 
-    name: ClassVar[str] = "linf"
-    higher_is_better: ClassVar[bool] = False
-    unit: ClassVar[str] = "1/255"
-    fn = staticmethod(linf_255)
-
 
 @dataclass(frozen=True)
-class PSNR(_BudgetMetric):
+class PSNR(_BudgetMetric, name="psnr", higher_is_better=True, unit="dB", compare=psnr):
     """PSNR of each protected photo against its original (8-bit)."""
 
-    name: ClassVar[str] = "psnr"
-    higher_is_better: ClassVar[bool] = True
-    unit: ClassVar[str] = "dB"
-    fn = staticmethod(psnr)
-
 
 @dataclass(frozen=True)
-class SSIM(_BudgetMetric):
+class SSIM(_BudgetMetric, name="ssim", higher_is_better=True, unit="ssim", compare=ssim):
     """SSIM of each protected photo against its original."""
-
-    name: ClassVar[str] = "ssim"
-    higher_is_better: ClassVar[bool] = True
-    unit: ClassVar[str] = "ssim"
-    fn = staticmethod(ssim)
 
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet IMAGENET1K_V1
@@ -124,16 +115,13 @@ def lpips_net(lin: str) -> torch.nn.Module:
 
 
 @dataclass(frozen=True)
-class LPIPS(_BudgetMetric):
+class LPIPS(_BudgetMetric, name="lpips", higher_is_better=False, unit="lpips"):
     """LPIPS (v0.1, AlexNet) of each protected photo against its original, through
     pyiqa. Needs two local files: the LPIPS linear layers (``weights`` or
     ``$ANTIPERS_LPIPS_WEIGHTS``, e.g. pyiqa's ``LPIPS_v0.1_alex-df73285e.pth``) and
     torchvision's AlexNet checkpoint in the torch hub cache (never downloaded here)."""
 
     weights: str = ""
-    name: ClassVar[str] = "lpips"
-    higher_is_better: ClassVar[bool] = False
-    unit: ClassVar[str] = "lpips"
     backend_name: ClassVar[str] = "pyiqa-lpips-alex"
 
     def compare(self, protected: torch.Tensor, clean: torch.Tensor) -> np.ndarray:

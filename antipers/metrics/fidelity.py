@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from antipers.images import to_uint8
-from antipers.metrics.base import MetricResult, MetricUnavailable, ScoreInputs, result
+from antipers.metrics.base import Metric, MetricResult, MetricUnavailable, ScoreInputs, result
 
 
 def _local(path: str, env: str, what: str, folder: bool) -> Path:
@@ -39,6 +39,38 @@ def _local(path: str, env: str, what: str, folder: bool) -> Path:
         kind = "folder" if folder else "file"
         raise MetricUnavailable(f"{what}: {kind} {p} not found; set the metric's path or ${env}")
     return p
+
+
+@dataclass(frozen=True)
+class _Weights:
+    """Where one family of metrics finds its local weights, and the backend label it
+    reports: the metrics of a family share both."""
+
+    family: str
+    env: str
+    what: str
+    folder: bool = True
+
+
+_CLIP = _Weights("clip", "ANTIPERS_CLIP_DIR", "a CLIP folder")
+_DINO = _Weights("dino", "ANTIPERS_DINO_DIR", "a DINO ViT folder")
+_INCEPTION = _Weights("inception", "ANTIPERS_INCEPTION_WEIGHTS", "Inception-v3 weights", False)
+
+
+@dataclass(frozen=True)
+class _LocalWeights(Metric):
+    """A metric whose weights are read from ``path``, else from its family's variable."""
+
+    path: str = ""
+    weights: ClassVar[_Weights]
+
+    def local(self) -> Path:
+        w = self.weights
+        return _local(self.path, w.env, f"{self.name} ({w.what})", folder=w.folder)
+
+    def label(self, found: Path) -> str:
+        """The result's backend (not named ``backend``: ``evaluate`` reads that attribute)."""
+        return f"{self.weights.family}:{found.name}"
 
 
 @functools.lru_cache(maxsize=2)
@@ -65,14 +97,6 @@ def _unit(x: torch.Tensor) -> np.ndarray:
     return F.normalize(x.float(), dim=-1).detach().cpu().numpy().astype(np.float64)
 
 
-def _similarity_to_references(
-    metric: Any, embed: Any, inputs: ScoreInputs, backend: str
-) -> MetricResult:
-    """Each generated image's mean cosine similarity to the reference embeddings."""
-    gen, ref = embed(inputs.generated), embed(inputs.references)
-    return result(metric, (gen @ ref.T).mean(axis=1), backend)
-
-
 def _clip_images(folder: Path, images: torch.Tensor) -> np.ndarray:
     model, processor = _clip(str(folder))
     with torch.no_grad():
@@ -80,33 +104,38 @@ def _clip_images(folder: Path, images: torch.Tensor) -> np.ndarray:
     return _unit(getattr(out, "pooler_output", out))
 
 
+class _SimilarityToReferences(_LocalWeights):
+    """Each generated image's mean cosine similarity to the reference embeddings; the
+    metrics differ only in ``embed``."""
+
+    def embed(self, folder: Path, images: torch.Tensor) -> np.ndarray:
+        raise NotImplementedError
+
+    def score(self, inputs: ScoreInputs) -> MetricResult:
+        folder = self.local()
+        gen = self.embed(folder, inputs.generated)
+        ref = self.embed(folder, inputs.references)
+        return result(self, (gen @ ref.T).mean(axis=1), self.label(folder))
+
+
 @dataclass(frozen=True)
-class CLIPImage:
+class CLIPImage(_SimilarityToReferences, name="clip-i", higher_is_better=False, unit="cosine"):
     """CLIP-I: similarity of each generated image to the person's references."""
 
-    path: str = ""
-    name: ClassVar[str] = "clip-i"
-    higher_is_better: ClassVar[bool] = False
-    unit: ClassVar[str] = "cosine"
+    weights: ClassVar[_Weights] = _CLIP
 
-    def score(self, inputs: ScoreInputs) -> MetricResult:
-        folder = _local(self.path, "ANTIPERS_CLIP_DIR", "clip-i (a CLIP folder)", folder=True)
-        return _similarity_to_references(
-            self, lambda x: _clip_images(folder, x), inputs, f"clip:{folder.name}"
-        )
+    def embed(self, folder: Path, images: torch.Tensor) -> np.ndarray:
+        return _clip_images(folder, images)
 
 
 @dataclass(frozen=True)
-class CLIPText:
+class CLIPText(_LocalWeights, name="clip-t", higher_is_better=True, unit="cosine"):
     """CLIP-T: similarity of each generated image to its prompt (prompt fidelity)."""
 
-    path: str = ""
-    name: ClassVar[str] = "clip-t"
-    higher_is_better: ClassVar[bool] = True
-    unit: ClassVar[str] = "cosine"
+    weights: ClassVar[_Weights] = _CLIP
 
     def score(self, inputs: ScoreInputs) -> MetricResult:
-        folder = _local(self.path, "ANTIPERS_CLIP_DIR", "clip-t (a CLIP folder)", folder=True)
+        folder = self.local()
         if len(inputs.prompts) != len(inputs.generated):
             raise MetricUnavailable("clip-t needs the prompt of every generated image")
         model, processor = _clip(str(folder))
@@ -117,29 +146,20 @@ class CLIPText:
             )
         text = _unit(getattr(out, "pooler_output", out))
         gen = _clip_images(folder, inputs.generated)
-        return result(self, (gen * text).sum(axis=1), f"clip:{folder.name}")
+        return result(self, (gen * text).sum(axis=1), self.label(folder))
 
 
 @dataclass(frozen=True)
-class DINO:
+class DINO(_SimilarityToReferences, name="dino", higher_is_better=False, unit="cosine"):
     """DINO: similarity of each generated image's ViT [CLS] embedding to the references'."""
 
-    path: str = ""
-    name: ClassVar[str] = "dino"
-    higher_is_better: ClassVar[bool] = False
-    unit: ClassVar[str] = "cosine"
+    weights: ClassVar[_Weights] = _DINO
 
-    def _embed(self, folder: Path, images: torch.Tensor) -> np.ndarray:
+    def embed(self, folder: Path, images: torch.Tensor) -> np.ndarray:
         model, processor = _vit(str(folder))
         with torch.no_grad():
             hidden = model(pixel_values=_pixels(processor, images)).last_hidden_state
         return _unit(hidden[:, 0])
-
-    def score(self, inputs: ScoreInputs) -> MetricResult:
-        folder = _local(self.path, "ANTIPERS_DINO_DIR", "dino (a DINO ViT folder)", folder=True)
-        return _similarity_to_references(
-            self, lambda x: self._embed(folder, x), inputs, f"dino:{folder.name}"
-        )
 
 
 def frechet_distance(
@@ -195,29 +215,24 @@ def inception_features(path: str, images: torch.Tensor, batch: int = 16) -> np.n
 
 
 @dataclass(frozen=True)
-class FID:
+class FID(_LocalWeights, name="fid", higher_is_better=True, unit="fid"):
     """FID of the generated set against the references (one value per set)."""
 
-    path: str = ""
-    name: ClassVar[str] = "fid"
-    higher_is_better: ClassVar[bool] = True
-    unit: ClassVar[str] = "fid"
+    weights: ClassVar[_Weights] = _INCEPTION
 
     def score(self, inputs: ScoreInputs) -> MetricResult:
-        weights = _local(
-            self.path, "ANTIPERS_INCEPTION_WEIGHTS", "fid (Inception-v3 weights)", folder=False
-        )
+        file = self.local()
         if len(inputs.generated) < 2 or len(inputs.references) < 2:
             raise ValueError("fid needs at least two generated and two reference images")
-        a = inception_features(str(weights), inputs.generated)
-        b = inception_features(str(weights), inputs.references)
+        a = inception_features(str(file), inputs.generated)
+        b = inception_features(str(file), inputs.references)
         value = frechet_distance(
             a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
         )
         return result(
             self,
             np.array([]),
-            f"inception:{weights.name}",
+            self.label(file),
             aggregate=value,
             notes={"generated": float(len(a)), "references": float(len(b))},
         )

@@ -16,7 +16,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from antipers.metrics.base import MetricResult, ScoreInputs, result
+from antipers.metrics.base import Metric, MetricResult, ScoreInputs, result
 from antipers.metrics.faces import BackendName, face_backend
 
 
@@ -34,13 +34,15 @@ def mean_embedding(images: torch.Tensor, backend_name: str, what: str) -> tuple[
 
 
 @dataclass(frozen=True)
-class FDFR:
-    """Face detection failure rate: share of generated images with no face."""
+class _FaceMetric(Metric):
+    """A metric of the faces that ``backend`` finds (see ``faces.face_backend``)."""
 
     backend: BackendName = "offline"
-    name: ClassVar[str] = "fdfr"
-    higher_is_better: ClassVar[bool] = True
-    unit: ClassVar[str] = "fraction"
+
+
+@dataclass(frozen=True)
+class FDFR(_FaceMetric, name="fdfr", higher_is_better=True, unit="fraction"):
+    """Face detection failure rate: share of generated images with no face."""
 
     def score(self, inputs: ScoreInputs) -> MetricResult:
         backend = face_backend(self.backend)
@@ -49,14 +51,9 @@ class FDFR:
 
 
 @dataclass(frozen=True)
-class ISM:
+class ISM(_FaceMetric, name="ism", higher_is_better=False, unit="cosine"):
     """Identity score matching: cosine similarity of each generated face to the mean
     reference face (NaN where no face is found)."""
-
-    backend: BackendName = "offline"
-    name: ClassVar[str] = "ism"
-    higher_is_better: ClassVar[bool] = False
-    unit: ClassVar[str] = "cosine"
 
     def score(self, inputs: ScoreInputs) -> MetricResult:
         backend = face_backend(self.backend)
@@ -66,17 +63,13 @@ class ISM:
 
 
 @dataclass(frozen=True)
-class Linkability:
+class Linkability(_FaceMetric, name="linkability", higher_is_better=False, unit="fraction"):
     """Rank-1 retrieval against a gallery of every identity's mean reference face: 1 if
     the person's own entry is the nearest, 0 if another identity's is, NaN with no face.
     Another identity whose references have no face is left out of the gallery (noted),
     so one unusable photo set does not void every other person's linkability."""
 
-    backend: BackendName = "offline"
     needs_gallery: ClassVar[bool] = True
-    name: ClassVar[str] = "linkability"
-    higher_is_better: ClassVar[bool] = False
-    unit: ClassVar[str] = "fraction"
 
     def score(self, inputs: ScoreInputs) -> MetricResult:
         gallery = dict(inputs.gallery or {})

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from antipers.images import to_uint8
-from antipers.metrics.base import MetricResult, ScoreInputs, result
+from antipers.metrics.base import Metric, MetricResult, ScoreInputs, result
 from antipers.metrics.offline import refuse_downloads
 
 
@@ -38,18 +38,15 @@ def _brisque_model() -> Any:
 
 
 @dataclass(frozen=True)
-class Brisque:
+class Brisque(Metric, name="brisque", higher_is_better=True, unit="score"):
     """BRISQUE: higher means worse quality. ``package``: the ``brisque`` package the field
     reports; ``pyiqa``: pyiqa's, when its weights are in pyiqa's cache."""
 
     implementation: Literal["package", "pyiqa"] = "package"
-    name: ClassVar[str] = "brisque"
-    higher_is_better: ClassVar[bool] = True
-    unit: ClassVar[str] = "score"
 
     def score(self, inputs: ScoreInputs) -> MetricResult:
         if self.implementation == "pyiqa":
-            return result(self, _pyiqa_scores("brisque", inputs.generated), "pyiqa-brisque")
+            return _pyiqa_result(self, "brisque", inputs)
         model = _brisque_model()
         values = [float(model.score(arr)) for arr in to_uint8(inputs.generated)]
         return result(self, np.array(values), "brisque-package")
@@ -66,60 +63,46 @@ def _pyiqa_metric(name: str, device: str) -> Any:
         return pyiqa.create_metric(name, device=device, as_loss=False)
 
 
-def _pyiqa_scores(name: str, images: Any) -> np.ndarray:
+def _pyiqa_result(metric: Metric, pyiqa_name: str, inputs: ScoreInputs) -> MetricResult:
     """Per-image scores of a pyiqa no-reference metric."""
-    metric = _pyiqa_metric(name, str(images.device))
-    return np.array([float(metric(images[i : i + 1])) for i in range(len(images))])
+    images = inputs.generated
+    model = _pyiqa_metric(pyiqa_name, str(images.device))
+    values = np.array([float(model(images[i : i + 1])) for i in range(len(images))])
+    return result(metric, values, f"pyiqa-{pyiqa_name}")
 
 
-class _PyiqaNR:
-    """A pyiqa no-reference metric scored image by image."""
+class _PyiqaNR(Metric):
+    """A pyiqa no-reference metric scored image by image; ``pyiqa_name`` (a class
+    keyword) is pyiqa's name for it where that is not the metric's own."""
 
     pyiqa_name: ClassVar[str]
-    name: ClassVar[str]
+
+    def __init_subclass__(cls, *, pyiqa_name: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.pyiqa_name = pyiqa_name or cls.name
 
     def score(self, inputs: ScoreInputs) -> MetricResult:
-        return result(
-            self, _pyiqa_scores(self.pyiqa_name, inputs.generated), f"pyiqa-{self.pyiqa_name}"
-        )
+        return _pyiqa_result(self, self.pyiqa_name, inputs)
 
 
 @dataclass(frozen=True)
-class PIQE(_PyiqaNR):
+class PIQE(_PyiqaNR, name="piqe", higher_is_better=True, unit="score"):
     """PIQE (pyiqa, no weights needed): higher means worse quality."""
 
-    pyiqa_name: ClassVar[str] = "piqe"
-    name: ClassVar[str] = "piqe"
-    higher_is_better: ClassVar[bool] = True
-    unit: ClassVar[str] = "score"
-
 
 @dataclass(frozen=True)
-class CLIPIQA(_PyiqaNR):
+class CLIPIQA(_PyiqaNR, name="clipiqa", higher_is_better=False, unit="score"):
     """CLIP-IQA (pyiqa; CLIP RN50 weights in pyiqa's cache): higher means better quality."""
 
-    pyiqa_name: ClassVar[str] = "clipiqa"
-    name: ClassVar[str] = "clipiqa"
-    higher_is_better: ClassVar[bool] = False
-    unit: ClassVar[str] = "score"
-
 
 @dataclass(frozen=True)
-class LIQE(_PyiqaNR):
+class LIQE(_PyiqaNR, name="liqe", higher_is_better=False, unit="mos"):
     """LIQE (pyiqa; CLIP ViT-B/32 and LIQE weights in pyiqa's cache): higher is better quality."""
 
-    pyiqa_name: ClassVar[str] = "liqe"
-    name: ClassVar[str] = "liqe"
-    higher_is_better: ClassVar[bool] = False
-    unit: ClassVar[str] = "mos"
-
 
 @dataclass(frozen=True)
-class TOPIQFace(_PyiqaNR):
+class TOPIQFace(
+    _PyiqaNR, name="topiq-face", pyiqa_name="topiq_nr-face", higher_is_better=False, unit="score"
+):
     """TOPIQ-face (pyiqa; TOPIQ face weights and a ResNet-50 cached locally): higher is
     better face quality."""
-
-    pyiqa_name: ClassVar[str] = "topiq_nr-face"
-    name: ClassVar[str] = "topiq-face"
-    higher_is_better: ClassVar[bool] = False
-    unit: ClassVar[str] = "score"

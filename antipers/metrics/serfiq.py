@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from antipers.images import to_uint8
 from antipers.metrics.base import MetricResult, ScoreInputs, result
 from antipers.metrics.faces import BackendName, face_backend
 from antipers.metrics.fidelity import _local
+from antipers.ranges import Checked, Range
 
 
 @functools.lru_cache(maxsize=2)
@@ -44,20 +45,16 @@ def aligned_faces(rgb: np.ndarray, landmarks: np.ndarray) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class SERFIQ:
+class SERFIQ(Checked):
     """SER-FIQ face quality of each generated image (NaN where no face is found)."""
 
     path: str = ""
-    passes: int = 100
+    passes: Annotated[int, Range(ge=2)] = 100
     backend: BackendName = "offline"
     seed: int = 0
     name: ClassVar[str] = "serfiq"
     higher_is_better: ClassVar[bool] = False
     unit: ClassVar[str] = "quality"
-
-    def __post_init__(self) -> None:
-        if self.passes < 2:
-            raise ValueError(f"passes: expected >= 2, got {self.passes}")
 
     def score(self, inputs: ScoreInputs) -> MetricResult:
         path = _local(

@@ -7,11 +7,9 @@ Its numbers say nothing about privacy; it exercises every code path in seconds.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
-import torch
-
-from antipers.models.bundle import DiffusionBundle
-from antipers.models.random_init import build_random_bundle
+from antipers.models.arch import RandomInitModel, sd_vae
 
 TINY_UNET = {
     "sample_size": 16,
@@ -25,17 +23,7 @@ TINY_UNET = {
     "attention_head_dim": 4,
     "norm_num_groups": 16,
 }
-TINY_VAE = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "block_out_channels": (16, 32, 32),
-    "down_block_types": ("DownEncoderBlock2D",) * 3,
-    "up_block_types": ("UpDecoderBlock2D",) * 3,
-    "latent_channels": 4,
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-    "sample_size": 64,
-}
+TINY_VAE = sd_vae((16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=64)
 TINY_TEXT = {
     "hidden_size": 32,
     "intermediate_size": 37,
@@ -46,13 +34,10 @@ TINY_TEXT = {
 
 
 @dataclass(frozen=True)
-class TinyModel:
+class TinyModel(RandomInitModel):
     """Random-init tiny Stable Diffusion; identical weights for one seed."""
 
-    seed: int = 0
-
-    def load(self, device: torch.device) -> DiffusionBundle:
-        bundle = build_random_bundle(
-            "tiny", unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT, seed=self.seed
-        )
-        return bundle.to(device)
+    arch: ClassVar[str] = "tiny"
+    unet: ClassVar[dict[str, Any]] = TINY_UNET
+    vae: ClassVar[dict[str, Any]] = TINY_VAE
+    text: ClassVar[dict[str, Any]] = TINY_TEXT

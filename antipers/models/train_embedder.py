@@ -16,7 +16,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -24,65 +24,47 @@ import torch.nn.functional as F
 from torch import nn
 
 from antipers.models.iresnet import EMBEDDING, IResNet
-from antipers.models.train_mini import (
-    Loop,
-    _check_same_run,
-    _commit,
-    _optimizer,
-    _progress,
-    _read_json,
-    _read_losses,
+from antipers.models.training_loop import Loop, adamw_cosine, progress, read_losses, run_loop
+from antipers.models.training_run import (
     cached,
+    check_same_run,
+    git_commit,
     machine,
-    run_loop,
+    read_json,
     staged_export,
     timed_stage,
     to_uint8,
 )
+from antipers.ranges import Checked, Range
 
 DEPTH = "mini"
 WEIGHTS = "backbone.pth"
 
 
 @dataclass(frozen=True)
-class EmbedderTrainConfig:
+class EmbedderTrainConfig(Checked):
     """Everything that determines the weights; recorded in the card."""
 
     seed: int = 0
-    people: int = 2048
-    photos_per_person: int = 8
-    nudge: float = 0.15  # the synthetic dataset's per-photo variation
-    resolution: int = 64
-    steps: int = 2000
-    batch: int = 64
-    lr: float = 2e-3
-    warmup_steps: int = 50
-    margin: float = 0.35  # CosFace: the target logit's cosine minus this
-    scale: float = 30.0
+    people: Annotated[int, Range(ge=2)] = 2048
+    photos_per_person: Annotated[int, Range(ge=1)] = 8
+    # the synthetic dataset's per-photo variation
+    nudge: Annotated[float, Range(ge=0, le=2)] = 0.15
+    resolution: Annotated[int, Range(ge=32)] = 64
+    steps: Annotated[int, Range(ge=1)] = 2000
+    batch: Annotated[int, Range(ge=2, note="BatchNorm")] = 64
+    lr: Annotated[float, Range(gt=0)] = 2e-3
+    warmup_steps: Annotated[int, Range(ge=0)] = 50
+    # CosFace: the target logit's cosine minus this
+    margin: Annotated[float, Range(ge=0, lt=1)] = 0.35
+    scale: Annotated[float, Range(gt=0)] = 30.0
     checkpoint_every_s: float = 120.0
-    eval_identities: int = 16
+    eval_identities: Annotated[int, Range(ge=2)] = 16
 
     def __post_init__(self) -> None:
-        for name in ("people", "photos_per_person", "steps", "batch", "eval_identities"):
-            least = 1 if name in ("photos_per_person", "steps") else 2  # batch: BatchNorm
-            if getattr(self, name) < least:
-                raise ValueError(
-                    f"train-embedder: {name} must be >= {least}, got {getattr(self, name)}"
-                )
-        if self.resolution < 32 or self.resolution % 16:
-            raise ValueError(
-                f"train-embedder: resolution must be a multiple of 16, >= 32; got {self.resolution}"
-            )
-        if not 0 <= self.nudge <= 2 or self.lr <= 0 or self.scale <= 0:
-            raise ValueError(
-                "train-embedder: expected 0 <= nudge <= 2, lr > 0, scale > 0; got "
-                f"nudge {self.nudge}, lr {self.lr}, scale {self.scale}"
-            )
-        if not 0 <= self.margin < 1 or self.warmup_steps < 0:
-            raise ValueError(
-                "train-embedder: expected 0 <= margin < 1 and warmup_steps >= 0; got "
-                f"margin {self.margin}, warmup_steps {self.warmup_steps}"
-            )
+        super().__post_init__()
+        if self.resolution % 16:
+            raise ValueError(f"resolution: expected a multiple of 16, got {self.resolution}")
 
 
 class _CosFace(nn.Module):
@@ -105,7 +87,7 @@ def faces(work: Path, config: EmbedderTrainConfig, chunk: int = 64) -> torch.Ten
 
     def build() -> torch.Tensor:
         out = []
-        for start in _progress(range(0, config.people, chunk), "faces", unit_scale=chunk):
+        for start in progress(range(0, config.people, chunk), "faces", unit_scale=chunk):
             for k in range(start, min(start + chunk, config.people)):
                 photos = stream_faces(
                     EMBEDDER_STREAM,
@@ -130,12 +112,12 @@ def train_embedder(
     device = device or torch.device("cpu")
     work = out / "work-embedder"
     work.mkdir(parents=True, exist_ok=True)
-    _check_same_run(work / "config.json", config, "train-embedder")
+    check_same_run(work / "config.json", config, "train-embedder")
     (work / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
-    timings: dict[str, float] = _read_json(work / "timings.json")
+    timings: dict[str, float] = read_json(work / "timings.json")
     data = timed_stage(work, timings, "faces", lambda: faces(work, config))
     model = _CosFace(config.people, config.seed).to(device)
-    optimizer, schedule = _optimizer(model, config.lr, config.steps, config.warmup_steps)
+    optimizer, schedule = adamw_cosine(model, config.lr, config.steps, config.warmup_steps)
     n, k = data.shape[:2]
 
     def step(i: int, gen: torch.Generator) -> torch.Tensor:
@@ -204,7 +186,7 @@ def export(
         "config": dataclasses.asdict(config),
         "training_s": round(seconds, 1),
         "machine": machine(),
-        "commit": _commit(),
+        "commit": git_commit(),
         "evaluation": report,
     }
 
@@ -212,7 +194,7 @@ def export(
         torch.save(backbone.state_dict(), staging / WEIGHTS)
         (staging / "training.json").write_text(json.dumps(record, indent=1) + "\n")
         shutil.copy(work / "losses.csv", staging / "losses.csv")
-        (staging / "README.md").write_text(card(record, _read_losses(work / "losses.csv")))
+        (staging / "README.md").write_text(card(record, read_losses(work / "losses.csv")))
 
     return staged_export(folder, write)
 

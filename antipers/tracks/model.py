@@ -1,13 +1,16 @@
-"""What the model track adds to an experiment (APDM, PersGuard): the protected model
-must still serve everyone else. The same attack on the same model with a person who was
-not protected (the bystander), and the model's denoising of generic images against the
-undefended base model's.
+"""The model track (APDM, PersGuard): the provider changes the base model, and the
+attacker personalizes that model on the person's clean photos. The protected model
+must still serve everyone else, so the track adds the same attack on the same model
+with a person who was not protected (the bystander), the model's denoising of generic
+images against the undefended base model's, and how far each attack got
+(``person_loss``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,7 +19,9 @@ import torch
 from antipers.attacks.class_images import class_images, key_for
 from antipers.metrics.base import MetricResult
 from antipers.models.bundle import DiffusionBundle
+from antipers.rows import GENERIC, UNPROTECTED
 from antipers.spec import ExperimentSpec
+from antipers.tracks.base import AttackRun, Subject, Track
 
 HELD_OUT_SEED = 1_000_003  # generic images apart from any attacker's or defense's
 GENERIC_IMAGES = 4
@@ -92,3 +97,46 @@ def generic_generations(
     """The defended model on ``GENERIC_PROMPTS`` with the experiment's sampler settings."""
     generic = dataclasses.replace(sampler, prompts=GENERIC_PROMPTS)
     return generic.sample(model, resolution, generator), generic.image_prompts()
+
+
+@dataclass(frozen=True)
+class ModelTrack(Track):
+    """A defended base model against the attacker's personalization of it."""
+
+    def after_attack(self, run: AttackRun, personalized: DiffusionBundle) -> None:
+        spec, ctx, handoff = run.spec, run.ctx, run.handoff
+        base = ctx.base_model(spec.base_model)
+        handoff.measured.append(person_loss(personalized, ctx.identity(spec).set_A))
+        other = bystander_of(spec, ctx.dataset(spec.dataset).identities())
+        run.say(f"personalize bystander {other}")
+        person = ctx.person(spec.dataset, other, spec.resolution)
+        theirs = run.attack.personalize(
+            person.set_B.to(ctx.device), run.model, run.rng("personalize")
+        )
+        handoff.subjects.append(
+            Subject(
+                UNPROTECTED,
+                other,
+                run.sampler.sample(theirs, spec.resolution, run.rng("sample")),
+                list(run.sampler.image_prompts()),
+                measured=[person_loss(theirs, person.set_A)],
+                utility=True,
+            )
+        )
+        held_out = held_out_images(base, run.attack, spec.resolution)
+        generic = Subject(
+            GENERIC,
+            "",
+            None,
+            references=held_out,
+            metrics=PROMPT_SET_METRICS,
+            checks=False,
+            measured=[generic_loss(run.model, base, held_out)],
+        )
+        if any(m.name in PROMPT_SET_METRICS for m in spec.metrics):
+            run.say("sample generic prompts")
+            generic.generated, prompts = generic_generations(
+                run.model, run.sampler, spec.resolution, run.rng("sample")
+            )
+            generic.prompts = list(prompts)
+        handoff.subjects.append(generic)
