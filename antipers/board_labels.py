@@ -9,6 +9,8 @@ from typing import Any
 
 import pandas as pd
 
+NO_COUNTERMEASURE = "none"  # the chain of an attacker who uses none
+
 
 def suite_named(chains: set[str]) -> str | None:
     """The attacker suite whose chains (by name) are exactly ``chains``, if any."""

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
+from antipers.board_labels import NO_COUNTERMEASURE
 from antipers.boards import BoardRules
-from antipers.summary import NO_COUNTERMEASURE
 
 
 def mean_interval(values: np.ndarray, rules: BoardRules) -> tuple[float, float]:

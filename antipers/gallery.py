@@ -17,11 +17,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from antipers.board_labels import dataset_settings
+from antipers.board_labels import NO_COUNTERMEASURE, dataset_settings
 from antipers.leaderboard import Board
+from antipers.registry import TRACKS
 from antipers.results import ResultStore
 from antipers.samples import amplified
-from antipers.summary import NO_COUNTERMEASURE
 
 IMAGES = "images"
 PER_BOARD = 2  # identities shown per board
@@ -111,12 +111,14 @@ def chosen_people(board: Board, with_images: set[str], count: int = PER_BOARD) -
 def board_galleries(
     board: Board, store: ResultStore, out: Path, with_images: set[str]
 ) -> list[Gallery]:
-    """The board's galleries, their thumbnails written under ``out/images``. Only the
-    image track changes photos: elsewhere (a protected model, IDDM's own perturbation
-    inside its personalization) the photos column would show clean photos as protected."""
+    """The board's galleries, their thumbnails written under ``out/images``. Photos
+    are shown only on a track whose defenses change them (the image track): elsewhere (a
+    protected model, IDDM's own perturbation inside its personalization) the photos
+    column would show clean photos as protected."""
     if board.experiments.empty:
         return []
-    photos_changed = board.key.get("track", "image") == "image"
+    track = board.key.get("track", "image")
+    photos_changed = track in TRACKS and TRACKS.get(track).changes_photos
     writer = _Writer(store, out)
     worst_column = f"worst_{board.primary}_countermeasure"
     galleries = []

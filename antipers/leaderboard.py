@@ -19,13 +19,12 @@ import numpy as np
 import pandas as pd
 
 from antipers.board_checks import check_baseline, count_problems
-from antipers.board_labels import config_labels, dataset_of, people, suite_named
+from antipers.board_labels import NO_COUNTERMEASURE, config_labels, dataset_of, people, suite_named
 from antipers.board_stats import add_intervals, rank_by_worst_case
 from antipers.boards import BoardRules, BoardsConfig
 from antipers.errors import UserError
 from antipers.registry import METRICS
 from antipers.rows import AGGREGATE_INDEX, ERROR, OK, PROTECTED, UNAVAILABLE
-from antipers.summary import NO_COUNTERMEASURE
 
 BOARD_FIELDS = ("track", "dataset", "base_model", "attack", "attack_params", "protocol")
 

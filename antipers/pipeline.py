@@ -127,6 +127,9 @@ def attack_stage(
     measures on the attacked model; the models are dropped from the handoff so that
     only images travel on to scoring."""
     with _timed(handoff, "attack", ctx):
+        # what this attack measures and adds is its own: handoffs copied from one
+        # protection for several attacks (validity.py) must not share these lists
+        handoff.measured, handoff.subjects = [], []
         say("countermeasure")
         bundle = ctx.base_model(spec.base_model)
         env = AttackEnv(bundle, ctx.identity(spec), stage_rng(spec.seed, "countermeasure"))

@@ -36,6 +36,8 @@ class Range:
             raise TypeError("Range: give at most one lower and one upper bound")
 
     def contains(self, value: float) -> bool:
+        if value != value:  # NaN passes every comparison; it is in no range
+            return False
         return not (
             (self.ge is not None and value < self.ge)
             or (self.gt is not None and value <= self.gt)
@@ -44,6 +46,11 @@ class Range:
         )
 
     def __str__(self) -> str:
+        return f"{self.bounds} ({self.note})" if self.note else self.bounds
+
+    @property
+    def bounds(self) -> str:
+        """The bounds alone (``0..1``, ``> 0``, ``in (0, 1]``)."""
         low = self.ge if self.ge is not None else self.gt
         high = self.le if self.le is not None else self.lt
         if low is None and high is None:
@@ -58,7 +65,7 @@ class Range:
             opening = "[" if self.ge is not None else "("
             closing = "]" if self.le is not None else ")"
             text = f"in {opening}{low}, {high}{closing}"
-        return f"{text} ({self.note})" if self.note else text
+        return text
 
     def check(self, name: str, value: Any) -> None:
         """Raise the message users see: ``steps: expected >= 1, got 0``."""

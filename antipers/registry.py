@@ -101,7 +101,11 @@ class Registry(Generic[T]):
     def build(self, name: str, params: dict[str, Any] | None = None) -> T:
         """An instance of ``name`` with ``params`` (validated and normalized)."""
         cls = self.get(name)
-        return cls(**validate_params(self.kind, name, cls, params or {}))
+        full = validate_params(self.kind, name, cls, params or {})
+        try:  # the component's own checks (across fields), named like the ones above
+            return cls(**full)
+        except (TypeError, ValueError) as exc:
+            raise SpecError(f"{self.kind} {name!r}: {exc}") from None
 
 
 def component_params(cls: type) -> list[Param]:

@@ -171,7 +171,8 @@ def _scalar(key: str, value: Any) -> Any:
 def _check_fits_track(kwargs: dict[str, Any]) -> None:
     """A defense runs on the tracks it declares (``TRACKS``; all when it declares none)
     and may refuse an attack it cannot work with (IDDM: too few steps for its rounds);
-    photo-budget metrics belong to the image track, the only one that changes photos."""
+    photo-budget metrics belong to tracks whose defenses change photos
+    (``changes_photos``)."""
     defense = kwargs["defense"].build(DEFENSES)
     tracks = getattr(defense, "TRACKS", None)
     if tracks and kwargs["track"] not in tracks:

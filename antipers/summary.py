@@ -8,9 +8,8 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+from antipers.board_labels import NO_COUNTERMEASURE
 from antipers.rows import AGGREGATE_INDEX, OK
-
-NO_COUNTERMEASURE = "none"  # the chain of an attacker who uses none
 
 
 def summary_table(

@@ -32,6 +32,13 @@ def test_a_range_reads_as_it_checks(bounds, text, inside, outside):
             bounds.check("x", value)
 
 
+def test_nan_is_in_no_range():
+    """NaN passes every comparison, so a bound written as one would let it through."""
+    for bounds in (Range(ge=0), Range(ge=0, le=2), Range(gt=0, lt=1)):
+        with pytest.raises(ValueError, match="got nan"):
+            bounds.check("x", float("nan"))
+
+
 def test_two_lower_bounds_are_refused():
     with pytest.raises(TypeError, match="at most one lower"):
         Range(ge=0, gt=0)

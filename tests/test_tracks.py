@@ -96,3 +96,25 @@ def test_photo_budget_metrics_belong_to_tracks_that_change_photos():
     assert TRACKS.get("image").changes_photos and not TRACKS.get("model").changes_photos
     with pytest.raises(ValueError, match="on the model track no defense changes the published"):
         ExperimentSpec.from_dict(tiny_spec_dict(track="model", metrics=["psnr"]))
+
+
+def test_attacks_on_one_copied_protection_keep_their_own_subjects():
+    """validity.py protects once and copies the handoff for each attack: what one
+    attack measured and added (person_loss, the bystander) must not reach another's rows."""
+    import dataclasses
+
+    from antipers.pipeline import attack_stage, experiment_rows, protect_stage, score_stage
+
+    ctx = RunContext(device=torch.device("cpu"))
+    first = ExperimentSpec.from_dict(tiny_spec_dict(track="model"))
+    second = first.override({"attack.steps": 4})
+    say = lambda stage: None  # noqa: E731
+    protected = protect_stage(first, ctx, say)
+    counts = []
+    for spec in (first, second):
+        handoff = dataclasses.replace(protected, checks=list(protected.checks), workers=[])
+        handoff = score_stage(spec, ctx, attack_stage(spec, ctx, handoff, say), say)
+        rows = pd.DataFrame(experiment_rows(spec, handoff))
+        aggregate = rows[(rows["image_index"] == -1) & (rows["metric"] == "person_loss")]
+        counts.append(aggregate.groupby("subject").size().to_dict())
+    assert counts == [{"protected": 1, "unprotected": 1}] * 2

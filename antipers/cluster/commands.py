@@ -12,7 +12,8 @@ import pandas as pd
 import ray
 
 from antipers.campaign import Campaign, load_campaign
-from antipers.cluster.driver import CampaignReport, run_campaign
+from antipers.cluster.driver import run_campaign
+from antipers.cluster.outcomes import CampaignReport
 from antipers.cluster.runtime import ClusterError, check_placeable, cluster_has_gpus, connect
 from antipers.cluster.workers import WorkerPlan
 from antipers.results import ResultStore

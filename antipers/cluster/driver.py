@@ -25,8 +25,7 @@ import ray
 
 from antipers.cluster.outcomes import CampaignReport, record
 from antipers.cluster.progress import Progress
-from antipers.cluster.retry import failed_rows, resubmit
-from antipers.cluster.retry import message as _message
+from antipers.cluster.retry import failed_rows, message, resubmit
 from antipers.cluster.submission import Dispatcher
 from antipers.cluster.teardown import teardown
 from antipers.cluster.workers import Pool, WorkerPlan, start_workers
@@ -87,7 +86,7 @@ def run_campaign(
                 samples = handoff.samples if images else None
             except Exception as exc:
                 if resubmit(exc, job.attempt, retries):
-                    log.warning("%s: %s; resubmitting", job.spec.spec_id, _message(exc))
+                    log.warning("%s: %s; resubmitting", job.spec.spec_id, message(exc))
                     report.resubmitted += 1
                     flight.submit(job.spec, job.attempt + 1)
                     continue

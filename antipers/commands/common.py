@@ -35,6 +35,22 @@ def parse_set(items: Sequence[str], flag: str = "--set") -> dict[str, Any]:
     return out
 
 
+def from_flags(cls: type, given: dict[str, tuple[str, Any]]) -> Any:
+    """``cls`` built from options (field -> (flag, value)); a value outside the field's
+    declared range, or refused by its own checks, is a CLI error, named by its flag
+    where the range says which."""
+    from antipers.ranges import field_ranges
+
+    ranges = field_ranges(cls)
+    for field, (flag, value) in given.items():
+        if field in ranges and not ranges[field].contains(value):
+            raise CLIError(f"{flag}: expected {ranges[field]}, got {value}")
+    try:
+        return cls(**{field: value for field, (_, value) in given.items()})
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+
+
 def choose_device(name: str | None) -> Any:
     """The ``--device`` of an in-process command; one that does not exist is a CLI error."""
     from antipers.device import pick_device

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from antipers.commands.common import CLIError
+from antipers.commands.common import CLIError, from_flags
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
@@ -36,27 +36,16 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from antipers.data.synthetic import SyntheticDataset, face_generator
     from antipers.images import write_png
-    from antipers.ranges import field_ranges
 
     if args.resolution < 8:
         raise CLIError(f"--resolution: expected at least 8 pixels, got {args.resolution}")
-    flags = {
-        "n_identities": "--identities",
-        "photos_per_set": "--photos-per-set",
-        "nudge": "--nudge",
-        "seed": "--seed",
+    options = {
+        "n_identities": ("--identities", args.identities),
+        "photos_per_set": ("--photos-per-set", args.photos_per_set),
+        "nudge": ("--nudge", args.nudge),
+        "seed": ("--seed", args.seed),
     }
-    given = {
-        "n_identities": args.identities,
-        "photos_per_set": args.photos_per_set,
-        "nudge": args.nudge,
-        "seed": args.seed,
-    }
-    ranges = field_ranges(SyntheticDataset)
-    for field, flag in flags.items():  # the dataset's declared ranges, named by their flags
-        if not ranges[field].contains(given[field]):
-            raise CLIError(f"{flag}: expected {ranges[field]}, got {given[field]}")
-    dataset = SyntheticDataset(args.identities, args.photos_per_set, args.nudge, args.seed)
+    dataset = from_flags(SyntheticDataset, options)
     face_generator()  # the synth extra, checked before any folder is written
     out = Path(args.out)
     for identity in dataset.identities():

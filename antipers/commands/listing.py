@@ -20,7 +20,10 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(f"  {name:<14} {doc}")
             for p in registry.params(name):
                 default = "(required)" if p.default is dataclasses.MISSING else f"= {p.default!r}"
-                bounds = f"  ({p.range})" if p.range is not None else ""
+                bounds = ""
+                if p.range is not None:
+                    note = f"; {p.range.note}" if p.range.note else ""
+                    bounds = f"  ({p.range.bounds}{note})"
                 print(f"      {p.name}: {p.type_name} {default}{bounds}")
     return 0
 

@@ -7,23 +7,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from antipers.commands.common import CLIError, choose_device
+from antipers.commands.common import choose_device, from_flags
 
 
 def _train_config(cls: Any, args: argparse.Namespace, names: tuple[str, ...]) -> Any:
-    """The defaults, with the options the user gave; a bad value is a CLI error that
-    names its flag."""
-    from antipers.ranges import field_ranges
-
+    """The defaults, with the options the user gave (``--pool`` sets ``pool``)."""
     given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-    for name, bounds in field_ranges(cls).items():
-        if name in given and not bounds.contains(given[name]):
-            flag = "--" + name.replace("_", "-")
-            raise CLIError(f"{flag}: expected {bounds}, got {given[name]}")
-    try:
-        return cls(**given)
-    except ValueError as exc:
-        raise CLIError(str(exc)) from None
+    return from_flags(cls, {n: ("--" + n.replace("_", "-"), v) for n, v in given.items()})
 
 
 def cmd_train_mini(args: argparse.Namespace) -> int:

@@ -7,15 +7,14 @@ gives every defense, the undefended baseline too, the number to compare it with.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
-from antipers.metrics.base import MetricResult, MetricUnavailable, ScoreInputs, result
+from antipers.metrics.base import Metric, MetricResult, MetricUnavailable, ScoreInputs, result
 
 
 @dataclass(frozen=True)
-class EmbedderISM:
+class EmbedderISM(Metric, name="embedder-ism", higher_is_better=False, unit="cosine"):
     """Cosine similarity of each generated image's embedding to the mean embedding of the
     references. ``embedder``: ``mini-faces``, a ``backbone.pth`` path, ``""`` for
     ``$ANTIPERS_ARCFACE_TORCH``, or ``random[:SEED]``; ``depth``: the iresnet depth
@@ -23,9 +22,6 @@ class EmbedderISM:
 
     embedder: str = "mini-faces"
     depth: str = ""
-    name: ClassVar[str] = "embedder-ism"
-    higher_is_better: ClassVar[bool] = False
-    unit: ClassVar[str] = "cosine"
 
     def score(self, inputs: ScoreInputs) -> MetricResult:
         from antipers.models.embedders import (

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Annotated, ClassVar
+from typing import Annotated
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from antipers.images import to_uint8
-from antipers.metrics.base import MetricResult, ScoreInputs, result
+from antipers.metrics.base import Metric, MetricResult, ScoreInputs, result
 from antipers.metrics.faces import BackendName, face_backend
 from antipers.metrics.fidelity import _local
 from antipers.ranges import Checked, Range
@@ -45,16 +45,13 @@ def aligned_faces(rgb: np.ndarray, landmarks: np.ndarray) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class SERFIQ(Checked):
+class SERFIQ(Checked, Metric, name="serfiq", higher_is_better=False, unit="quality"):
     """SER-FIQ face quality of each generated image (NaN where no face is found)."""
 
     path: str = ""
     passes: Annotated[int, Range(ge=2)] = 100
     backend: BackendName = "offline"
     seed: int = 0
-    name: ClassVar[str] = "serfiq"
-    higher_is_better: ClassVar[bool] = False
-    unit: ClassVar[str] = "quality"
 
     def score(self, inputs: ScoreInputs) -> MetricResult:
         path = _local(

@@ -5,7 +5,8 @@ had offline, and random weights know no faces).
 
 Its people come from a numpy stream of their own (``EMBEDDER_STREAM``), so none is a
 ``synthetic`` identity (those are torch-seeded) or a ``mini-faces`` training face. It
-shares train-mini's resumable loop (checkpoints, loss log, progress bar);
+shares train-mini's resumable loop (``training_loop``: checkpoints, loss log,
+progress bar);
 ``antipers models train-embedder`` reproduces the shipped weights.
 """
 
