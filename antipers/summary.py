@@ -37,7 +37,8 @@ def summary_table(
 
 def verdicts(rows: pd.DataFrame, baseline: str = "none") -> list[str]:
     """One computed sentence per defense: what it did to the attack's linkability and
-    ISM against the undefended baseline, and what it cost (budget, PSNR)."""
+    ISM against the undefended baseline (or, where no generation has a face to link,
+    to FDFR), and what it cost (budget, PSNR)."""
     table = summary_table(rows, by=("defense", "countermeasure", "attack"))
     if table.empty:
         return []
@@ -55,6 +56,10 @@ def verdicts(rows: pd.DataFrame, baseline: str = "none") -> list[str]:
                 if metric in column and pd.notna(by.loc[defense, column[metric]]):
                     before, after = base[column[metric]], by.loc[defense, column[metric]]
                     parts.append(_change(metric, before, after))
+            if not parts and "fdfr" in column and pd.notna(by.loc[defense, column["fdfr"]]):
+                # identity metrics are undefined without faces: the attack made none
+                before, after = base[column["fdfr"]], by.loc[defense, column["fdfr"]]
+                parts.append(f"{_change('fdfr', before, after)} (no face to link)")
             if not parts:
                 continue
             cost = []

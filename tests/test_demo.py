@@ -155,6 +155,9 @@ def test_verdicts_say_what_each_defense_did_with_its_cost():
             row("weak", "linkability", 0.95, False, eps=2),
             row("weak", "ism", 0.9487, False, eps=2),
             row("same", "linkability", 0.9, False, eps=4),
+            row("none", "fdfr", 0.25, True),
+            row("faceless", "fdfr", 1.0, True, eps=16),
+            row("faceless", "linkability", float("nan"), False, eps=16),
         ]
     )
     lines = verdicts(rows)
@@ -167,4 +170,9 @@ def test_verdicts_say_what_each_defense_did_with_its_cost():
         "against dreambooth (2/255)" in lines
     )  # digits enough to tell the two apart
     assert "same left linkability at 0.90 against dreambooth (4/255)" in lines
+    # no face in any generation: nothing to link, and the sentence says why
+    assert (
+        "faceless raised fdfr from 0.25 to 1.00 (no face to link) against dreambooth (16/255)"
+        in lines
+    )
     assert verdicts(rows[rows["defense"] != "none"]) == []  # no baseline, no claim
