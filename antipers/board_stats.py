@@ -55,20 +55,46 @@ def add_intervals(
         )
 
 
+FACELESS = " (no face)"  # a worst case whose generations had no face to measure
+
+
+def faceless(per_identity: pd.Series, by_cm: pd.DataFrame) -> pd.Series:
+    """Per row of ``by_cm`` (config, countermeasure): its primary metric has no value
+    because FDFR is 1 for every person (no face in any generation)."""
+    if "fdfr" not in per_identity.index.get_level_values("metric"):
+        return pd.Series(False, index=by_cm.index)
+    fdfr = per_identity.xs("fdfr", level="metric").groupby(["config", "countermeasure"]).min()
+    keys = pd.MultiIndex.from_frame(by_cm[["config", "countermeasure"]])
+    return pd.Series(
+        by_cm["value"].isna().to_numpy() & (fdfr.reindex(keys).to_numpy() >= 1.0),
+        index=by_cm.index,
+    )
+
+
 def rank_by_worst_case(
     table: pd.DataFrame, per_identity: pd.Series, primary: str, higher: bool | None
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """The table with ``worst_<primary>`` (and its countermeasure) and ``rank``, sorted;
     the primary metric's mean per configuration and countermeasure; and its value per
-    configuration and identity without a countermeasure."""
+    configuration and identity without a countermeasure. A countermeasure under which
+    no generation of any person has a face ranks as the best case (``FACELESS``)."""
     identities = pd.DataFrame(columns=["config", "identity", "value"])
     prim = per_identity.xs(primary, level="metric")
     by_cm = prim.groupby(["config", "countermeasure"]).mean().rename("value").reset_index()
-    worst = by_cm.dropna(subset=["value"]).sort_values("value", ascending=bool(higher))
+    # where no generation of any person has a face, an identity metric has no value,
+    # and the attacker has nothing to link: the best case, not a missing one
+    best = math.inf if higher else -math.inf
+    ranked = by_cm.assign(value=by_cm["value"].where(~faceless(per_identity, by_cm), best))
+    worst = ranked.dropna(subset=["value"]).sort_values(
+        "value", ascending=bool(higher), kind="stable"
+    )
     worst = worst.drop_duplicates("config").set_index("config")
-    table[f"worst_{primary}"] = worst["value"].reindex(table.index)
-    table[f"worst_{primary}_countermeasure"] = worst["countermeasure"].reindex(table.index)
-    order = table[f"worst_{primary}"]
+    order = worst["value"].reindex(table.index)
+    table[f"worst_{primary}"] = order.where(order != best)
+    under = worst["countermeasure"].where(
+        worst["value"] != best, worst["countermeasure"] + FACELESS
+    )
+    table[f"worst_{primary}_countermeasure"] = under.reindex(table.index)
     table["rank"] = order.rank(ascending=not higher, method="min")
     table = table.sort_values("rank", na_position="last", kind="stable")
     if NO_COUNTERMEASURE in prim.index.get_level_values("countermeasure"):

@@ -375,3 +375,31 @@ def test_people_of_datasets_with_other_settings_are_not_averaged_together(tmp_pa
     assert "id-0 [seed=1]" in set(board.identities["identity"])
     (single,), _ = build_boards(both[0], load_boards())  # one dataset: labels as they are
     assert set(single.identities["identity"]) == {"id-0", "id-1", "id-2"}
+
+
+def test_a_defense_after_which_no_generation_has_a_face_ranks_first(tmp_path):
+    """ISM and linkability have no value without a face: where FDFR is 1 for every
+    person, the attacker has nothing to link, the best case rather than a missing one."""
+    store = ResultStore(str(tmp_path))
+    for i in range(4):
+        for defense, cm, ism, fdfr in [
+            ("none", "none", 0.9, 0.2),
+            ("none", "jpeg", 0.9, 0.2),
+            ("aspl", "none", float("nan"), 1.0),  # no face at all
+            ("aspl", "jpeg", 0.7, 0.5),  # a countermeasure brings faces back
+            ("simac", "none", float("nan"), 1.0),
+            ("simac", "jpeg", float("nan"), 1.0),
+            ("fsmg", "none", float("nan"), 0.75),  # some faces: NaN here is not "no face"
+            ("fsmg", "jpeg", float("nan"), 0.75),
+        ]:
+            store.write(experiment(defense, {}, f"id-{i}", cm, 0, {"ism": ism, "fdfr": fdfr}))
+    (board,), _ = build_boards(store.load(), BoardsConfig(BoardRules(primary=("ism",))))
+    table = board.table.set_index("config")
+    assert table.loc["simac", "rank"] == 1  # faceless under every countermeasure
+    assert pd.isna(table.loc["simac", "worst_ism"])
+    assert table.loc["simac", "worst_ism_countermeasure"] == "jpeg (no face)"
+    assert table.loc["aspl", "rank"] == 2  # its worst case is the jpeg one, with faces
+    assert table.loc["aspl", "worst_ism"] == pytest.approx(0.7)
+    assert table.loc["aspl", "worst_ism_countermeasure"] == "jpeg"
+    assert table.loc["none", "rank"] == 3
+    assert pd.isna(table.loc["fsmg", "rank"])  # a missing value stays unranked
