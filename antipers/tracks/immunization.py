@@ -24,8 +24,8 @@ class ImmunizationTrack(Track):
 
     def personalize(self, run: AttackRun) -> DiffusionBundle:
         personalizer = run.handoff.personalizer
-        if personalizer is None:
-            return run.attack.personalize(run.images, run.model, run.rng("personalize"))
+        if personalizer is None:  # `none`: the attacker's own personalization
+            return super().personalize(run)
         identity = run.ctx.identity(run.spec)
         personalized, checks = personalizer.personalize(
             run.images, run.model, run.attack, run.rng("personalize"), identity
