@@ -56,6 +56,16 @@ def median_seconds(
     return statistics.median(times)
 
 
+def plain_adamw() -> None:
+    """torch's default AdamW in this (child) process instead of the training loop's
+    fused one: what reference code that calls ``torch.optim.AdamW(...)`` runs."""
+    from antipers.attacks import training
+
+    training.adamw = lambda params, lr, weight_decay: torch.optim.AdamW(
+        params, lr=lr, weight_decay=weight_decay
+    )
+
+
 def emit(result: dict[str, Any]) -> None:
     print(MARK + json.dumps(result), flush=True)
 

@@ -21,7 +21,7 @@ import argparse
 import statistics
 import time
 
-from _harness import emit, in_child, peak_gib, reset_peak
+from _harness import emit, in_child, peak_gib, plain_adamw, reset_peak
 
 ATTACKS = ("dreambooth", "lora")
 
@@ -31,13 +31,10 @@ def run_one(
 ) -> dict:
     import torch
 
-    from antipers.attacks import training
     from antipers.attacks.training import TrainData, finetune
 
     if plain:  # this child process only: the baseline the fused kernel is measured against
-        training.adamw = lambda params, lr, weight_decay: torch.optim.AdamW(
-            params, lr=lr, weight_decay=weight_decay
-        )
+        plain_adamw()
     from antipers.device import pick_device
     from antipers.registry import ATTACKS as REGISTRY
     from antipers.registry import BASE_MODELS

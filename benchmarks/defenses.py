@@ -7,8 +7,10 @@ synthetic identity (4 photos), with a few iterations; the time per iteration (me
 is extrapolated to the protocol's counts (ASPL family: 50 iterations; FSMG family:
 1000 fine-tuning + 100 PGD steps; APDM: 800 iterations of 20 inner steps, on 4 paired
 images made with 2 sampler steps). ``aspl-deepcopy`` is ASPL as the reference code
-runs it: a fresh deep copy of the UNet and text encoder every iteration, in bf16 weights
-as the reference casts them (``aspl-deepcopy-fp32``: the same in fp32). Ratios are
+runs it (``DeepCopyASPL``: a fresh deep copy of the UNet and text encoder every
+iteration, the VAE at every surrogate step, every weight gradient at every PGD step,
+torch's AdamW, bf16 weights as the reference casts them; ``aspl-deepcopy-fp32``: the
+same in fp32); ``aspl-lora`` is ASPL with the LoRA surrogate. Ratios are
 against ``aspl-deepcopy`` in the same run. Rows of the full-weight defenses repeat per
 memory plan (``--memory plain lean``: ``ANTIPERS_MEMORY`` in the child), and a large
 model's ASPL row prints where its peak's bytes go.
@@ -31,14 +33,14 @@ from dataclasses import dataclass
 
 import psutil
 import torch
-from _harness import emit, in_child, peak_gib, reset_peak
+from _harness import emit, in_child, peak_gib, plain_adamw, reset_peak
 
 from antipers.data.synthetic import SyntheticDataset
 from antipers.defenses.aspl import ASPL
 from antipers.defenses.base import Protected
 from antipers.defenses.pgd import project_png
 from antipers.defenses.snapshots import MODES, MemoryPlan, parameter_bytes
-from antipers.defenses.surrogate import Surrogate, trainable_parameters
+from antipers.defenses.surrogate import ClassPrior, Surrogate, trainable_parameters
 from antipers.defenses.surrogate_pgd import RunState
 from antipers.device import pick_device
 from antipers.registry import BASE_MODELS, DEFENSES
@@ -51,19 +53,40 @@ PROTOCOL_ITERATIONS, PROTOCOL_FINETUNE, PROTOCOL_PGD = 50, 1000, 100
 PROTOCOL_APDM = 800
 
 
+class EncodedEachStep:
+    """The reference's data path: the photos a step draws go through the VAE at that
+    step (its ``train_one_epoch`` encodes [instance, class] every step). Indexing gives
+    the real posterior, so the draws are the ones a posterior encoded once gives."""
+
+    def __init__(self, bundle, images):  # type: ignore[no-untyped-def]
+        self.bundle, self.images = bundle, images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, idx):  # type: ignore[no-untyped-def]
+        with torch.no_grad():
+            return self.bundle.posterior(self.images[idx])
+
+
 @dataclass(frozen=True)
 class DeepCopyASPL(ASPL):
-    """The reference scheme (for comparison only): f loaded as its own copy, then a
-    deep copy f_sur = deepcopy(f) every iteration, prior preservation on the same class
-    images; in bf16 weights as the reference casts them (``attacks/aspl.py`` sets
-    ``weight_dtype = torch.bfloat16`` in ``train_one_epoch``), or fp32."""
+    """The reference scheme (for comparison only), doing what Anti-DreamBooth's
+    ``attacks/aspl.py`` spends its time on: f loaded as its own copy, then a deep copy
+    f_sur = deepcopy(f) every iteration; every surrogate step encodes its instance
+    photo and class image through the VAE; every PGD step runs the text encoder; the
+    optimizer is torch's default AdamW (``run_one`` swaps it in this child process);
+    every PGD step's backward also computes the UNet's and text encoder's weight
+    gradients (the reference calls ``loss.backward()``); bf16 weights as the reference
+    casts them (``weight_dtype = torch.bfloat16``), or fp32. Its data loading (PIL
+    reads of the class images at every step) is left out."""
 
     dtype: str = "bf16"
 
     def protect(self, identity, bundle, generator):  # type: ignore[no-untyped-def]
         reference, clean = identity.set_A.to(bundle.device), identity.set_B.to(bundle.device)
         x, state = clean.clone(), RunState()
-        prior = self.class_prior(bundle, clean.shape[-1])
+        class_images = self.generic_images(bundle, clean.shape[-1])
         f = bundle.copy_of("unet", "text_encoder")
         half = self.dtype == "bf16"
         if half:
@@ -71,6 +94,7 @@ class DeepCopyASPL(ASPL):
                 setattr(f, part, getattr(f, part).to(torch.bfloat16))
         for part in ("unet", "text_encoder"):
             getattr(f, part).requires_grad_(True)
+        prior = ClassPrior(EncodedEachStep(f, class_images), self.class_prompt, self.prior_weight)
 
         def surrogate(model):  # type: ignore[no-untyped-def]
             params = trainable_parameters(model)
@@ -83,12 +107,31 @@ class DeepCopyASPL(ASPL):
             for it in range(self.iterations):
                 copy = f.copy_of("unet", "text_encoder")
                 sur = surrogate(copy)
-                sur.train(reference, self.surrogate_steps, generator)
+                sur.train(reference, self.surrogate_steps, generator, self.each_step(f, reference))
                 x = self.attack_step(sur, x, clean, identity, f, generator, it, state)
                 del sur, copy
-                f_surrogate.train(x, self.surrogate_steps, generator)
+                f_surrogate.train(x, self.surrogate_steps, generator, self.each_step(f, x))
                 logging.getLogger("antipers.defenses").info("deepcopy iteration %d", it + 1)
         return Protected(project_png(x.float(), clean, self.eps).cpu(), bundle, log=state)
+
+    @staticmethod
+    def each_step(model, images):  # type: ignore[no-untyped-def]
+        return EncodedEachStep(model, images.detach())
+
+    def objective(self, bundle, clean, generator, state):  # type: ignore[no-untyped-def]
+        parts = (bundle.unet, bundle.text_encoder)
+        weights = [p for part in parts for p in part.parameters() if p.requires_grad]
+
+        def objective(x, step):  # type: ignore[no-untyped-def]
+            embeds = bundle.prompt_embeds([self.instance_prompt] * len(x))  # every step
+            latents = bundle.encode(x, generator)
+            loss = bundle.training_loss(latents, embeds, generator, state.t_range)
+            # loss.backward(), as the reference calls it: every weight's gradient too
+            grad = torch.autograd.grad(loss, [x, *weights], allow_unused=True)[0]
+            linear = (x * grad).sum()
+            return loss.detach() + linear - linear.detach()  # carries x's gradient
+
+        return objective
 
     def build_surrogate_attack(self):  # type: ignore[no-untyped-def]
         from antipers.attacks.dreambooth import DreamBooth
@@ -123,6 +166,7 @@ def run_one(model: str, name: str, args: argparse.Namespace) -> dict:
     if args.short:
         common |= {"surrogate_steps": 1, "pgd_steps": 1}
     if name.startswith("aspl-deepcopy"):
+        plain_adamw()  # the reference's optimizer
         dtype = "fp32" if name.endswith("fp32") else "bf16"
         defense = DeepCopyASPL(iterations=iterations, dtype=dtype, **common)
     elif name in ONE_SHOT:

@@ -107,6 +107,45 @@ def test_a_posterior_encoded_once_draws_what_encoding_each_step_draws(tiny_bundl
     assert not torch.allclose(once, mean)  # a draw, not the mean
 
 
+@pytest.mark.parametrize("text_encoder", [True, False])
+def test_one_pass_over_instance_and_class_images_is_the_two_pass_loss(
+    tiny_bundle, photos, text_encoder
+):
+    """Prior preservation runs the instance and class chunks through one UNet (and text
+    encoder) pass, as the reference scripts batch them. Same draws, same loss and
+    gradients as a pass per chunk, to float rounding (batched kernels sum in another
+    order: 1e-5 relative)."""
+    from antipers.attacks.training import _chunked_loss, _draw, _Embeds
+
+    bundle = tiny_bundle.copy_of("unet", "text_encoder")
+    bundle.unet.requires_grad_(True)
+    bundle.text_encoder.requires_grad_(True)
+    params = list(bundle.unet.parameters())[:6] + list(bundle.text_encoder.parameters())[-2:]
+    posterior = bundle.posterior(photos)
+    with torch.no_grad():
+        classes = bundle.posterior(photos.flip(-1))
+
+    def grads(loss):
+        return torch.autograd.grad(loss, params, retain_graph=True, allow_unused=not text_encoder)
+
+    embeds = _Embeds(bundle, text_encoder)
+    gen = torch.Generator().manual_seed(3)
+    chunks = [
+        _draw(bundle, posterior[:2], PROMPT, gen),
+        _draw(bundle, classes[:2], "a person", gen),
+    ]
+    one = _chunked_loss(bundle, chunks, embeds, prior_weight=0.7)
+    gen = torch.Generator().manual_seed(3)
+    inst = bundle.training_loss(posterior[:2].latents(gen), embeds.batch([(PROMPT, 2)]), gen)
+    prior = bundle.training_loss(classes[:2].latents(gen), embeds.batch([("a person", 2)]), gen)
+    two = inst + 0.7 * prior
+    assert float(one.detach()) == pytest.approx(float(two.detach()), rel=1e-5)
+    for a, b in zip(grads(one), grads(two), strict=True):
+        assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(grads(one)[0], grads(inst)[0], atol=1e-7)  # the prior counts
+    assert (grads(one)[-1] is not None) == text_encoder  # the text encoder in the pass
+
+
 def test_the_fused_optimizer_trains_like_the_plain_one():
     from antipers.attacks.training import adamw
 

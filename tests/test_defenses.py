@@ -119,31 +119,59 @@ def test_surrogate_snapshots_only_trainable_weights(tiny_bundle, person, kind):
 
 
 def _spy_training(bundle, monkeypatch):
-    """What each surrogate step trains on: (batch size, prompt) per loss term."""
+    """What each surrogate step's one UNet pass trains on: its prompts, row by row."""
     seen = []
     prompts = {p: bundle.prompt_embeds([p]) for p in ("a photo of sks person", "a photo of person")}
-    real = bundle.training_loss
+    real = bundle.denoising_loss
 
-    def spy(latents, cond, *rest):
+    def spy(latents, cond, *rest, **kw):
         if not latents.requires_grad:  # a training step (PGD's latents carry a gradient)
-            prompt = next(p for p, e in prompts.items() if torch.allclose(cond[:1], e))
-            seen.append((latents.shape[0], prompt))
-        return real(latents, cond, *rest)
+            rows = [next(p for p, e in prompts.items() if torch.allclose(c, e[0])) for c in cond]
+            seen.append(tuple(rows))
+        return real(latents, cond, *rest, **kw)
 
-    monkeypatch.setattr(bundle, "training_loss", spy)
+    monkeypatch.setattr(bundle, "denoising_loss", spy)
     return seen
 
 
+def _structure(bundle):
+    """Module types by name and every weight, of the parts a surrogate trains."""
+    parts = (bundle.unet, bundle.text_encoder)
+    types = [(n, type(m).__name__) for part in parts for n, m in part.named_modules()]
+    weights = [(n, p.detach().clone()) for part in parts for n, p in part.named_parameters()]
+    return types, weights
+
+
+def test_lora_surrogate_adapts_the_resident_model_and_leaves_it_exact(tiny_bundle, person):
+    """No copy of the UNet or text encoder: the adapters go on the resident model, and
+    closing (also after an error) gives back the same modules and weights bit for bit,
+    with no adapter bookkeeping left for a later attack to trip on."""
+    types, weights = _structure(tiny_bundle)
+    gen = torch.Generator().manual_seed(0)
+    sur = Surrogate.build(tiny_bundle, "lora", 1e-3, True, "a photo of sks person", gen)
+    with pytest.raises(RuntimeError, match="interrupted"), sur:
+        assert sur.bundle.unet is tiny_bundle.unet
+        assert any("lora_" in n for n, _ in tiny_bundle.text_encoder.named_parameters())
+        sur.train(person.set_A, 2, torch.Generator().manual_seed(1))
+        raise RuntimeError("interrupted")
+    after_types, after_weights = _structure(tiny_bundle)
+    assert after_types == types
+    assert [n for n, _ in after_weights] == [n for n, _ in weights]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(weights, after_weights, strict=True))
+    assert not hasattr(tiny_bundle.unet, "peft_config")
+    assert not hasattr(tiny_bundle.text_encoder, "peft_config")
+    assert not any(p.requires_grad for _, p in after_weights)
+
+
 def test_surrogate_steps_train_as_the_reference(person, tiny_bundle, monkeypatch):
-    """Anti-DreamBooth's train_one_epoch: each step one instance photo (instance prompt)
-    and one class image (class prompt), prior weight 1."""
+    """Anti-DreamBooth's train_one_epoch: each step one pass over one instance photo
+    (instance prompt) and one class image (class prompt), prior weight 1."""
     seen = _spy_training(tiny_bundle, monkeypatch)
     aspl = DEFENSES.build(
         "aspl", {**FAST, "iterations": 1, "surrogate_steps": 2, "train_text_encoder": False}
     )
     aspl.protect(person, tiny_bundle, torch.Generator().manual_seed(0))
-    step = [(1, "a photo of sks person"), (1, "a photo of person")]
-    assert seen == step * 4  # two phases of two steps
+    assert seen == [("a photo of sks person", "a photo of person")] * 4  # 2 phases of 2 steps
 
 
 def test_whole_set_surrogate_is_a_setting(person, tiny_bundle, monkeypatch):
@@ -151,7 +179,7 @@ def test_whole_set_surrogate_is_a_setting(person, tiny_bundle, monkeypatch):
     settings = {"prior_weight": 0, "surrogate_batch": 8, "train_text_encoder": False}
     aspl = DEFENSES.build("aspl", {**FAST, "iterations": 1, "surrogate_steps": 2, **settings})
     aspl.protect(person, tiny_bundle, torch.Generator().manual_seed(0))
-    assert seen == [(len(person.set_A), "a photo of sks person")] * 4
+    assert seen == [("a photo of sks person",) * len(person.set_A)] * 4
 
 
 def test_eot_entries_take_parameters_and_purify_with_the_frozen_base(person, tiny_bundle):

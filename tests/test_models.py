@@ -89,3 +89,31 @@ def test_real_architectures(name, unet_params):
     bundle = BASE_MODELS.build(name).load(torch.device("cpu"))
     assert sum(p.numel() for p in bundle.unet.parameters()) == unet_params
     assert bundle.latent_factor == 8
+
+
+def test_vae_passes_hold_a_bounded_number_of_pixels(tiny_bundle, monkeypatch):
+    """Encodes and decodes go ``vae_chunk`` images at a time: at most 16, at most
+    ``VAE_PIXELS`` pixels (one photo at 512 px), with the results of one whole pass to
+    float rounding (on a CPU a small batch of one runs another convolution kernel)."""
+    from antipers.models import bundle as bundle_module
+
+    assert bundle_module.vae_chunk(64 * 64) == 16
+    assert bundle_module.vae_chunk(256 * 256) == 4
+    assert bundle_module.vae_chunk(512 * 512) == 1
+    assert bundle_module.vae_chunk(1024 * 1024) == 1
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = tiny_bundle.posterior(images)
+        latents = whole.latents()
+        decoded = tiny_bundle.decode(latents)
+    seen = []
+    vae = tiny_bundle.vae
+    real_encode, real_decode = vae.encode, vae.decode
+    monkeypatch.setattr(vae, "encode", lambda x: seen.append(len(x)) or real_encode(x))
+    monkeypatch.setattr(vae, "decode", lambda z: seen.append(len(z)) or real_decode(z))
+    monkeypatch.setattr(bundle_module, "VAE_PIXELS", 2 * 32 * 32)
+    with torch.no_grad():
+        parts = tiny_bundle.posterior(images)
+        assert torch.allclose(parts.mean, whole.mean, atol=1e-5)
+        assert torch.allclose(tiny_bundle.decode(latents), decoded, atol=1e-5)
+    assert seen == [2, 1, 2, 1]

@@ -68,14 +68,17 @@ def test_plan_chooses_by_size_device_and_environment(monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     monkeypatch.delenv("ANTIPERS_MEMORY", raising=False)
     assert MemoryPlan.choose(cpu, LEAN_FROM - 1) == MemoryPlan("device", False)
-    assert MemoryPlan.choose(cpu, LEAN_FROM) == MemoryPlan("disk", True)
+    assert MemoryPlan.choose(cpu, LEAN_FROM) == MemoryPlan("disk", True, 1)
     assert MemoryPlan.choose(gpu, 10) == MemoryPlan("cpu", False)  # offload_snapshots
     assert MemoryPlan.choose(gpu, 10, offload=False) == MemoryPlan("device", False)
-    assert MemoryPlan.choose(gpu, LEAN_FROM) == MemoryPlan("cpu", True)
+    assert MemoryPlan.choose(gpu, LEAN_FROM) == MemoryPlan("cpu", True, 1)
+    # small adapters on a large model: snapshots stay, activations are checkpointed
+    assert MemoryPlan.choose(cpu, 10, model_bytes=LEAN_FROM) == MemoryPlan("device", True, 1)
     monkeypatch.setenv("ANTIPERS_MEMORY", "lean")
-    assert MemoryPlan.choose(cpu, 10) == MemoryPlan("disk", True)
+    assert MemoryPlan.choose(cpu, 10) == MemoryPlan("disk", True, 1)
     monkeypatch.setenv("ANTIPERS_MEMORY", "plain")
     assert MemoryPlan.choose(cpu, LEAN_FROM) == MemoryPlan("device", False)
+    assert MemoryPlan.choose(cpu, 10, model_bytes=LEAN_FROM) == MemoryPlan("device", False)
     monkeypatch.setenv("ANTIPERS_MEMORY", "tiny")
     with pytest.raises(ValueError, match="ANTIPERS_MEMORY: expected one of auto, plain, lean"):
         MemoryPlan.choose(cpu, 10)
@@ -142,3 +145,37 @@ def test_aspl_encodes_its_clean_photos_once_per_identity(person, tiny_bundle, mo
     # the rest change: the perturbed photos once per f phase, and the photos under
     # attack at each PGD step (with gradients)
     assert len(calls) == 1 + 3 + 3
+
+
+def test_pgd_in_chunks_has_the_whole_batch_draws_loss_and_gradient(tiny_bundle, monkeypatch):
+    """The lean plan's PGD holds one photo's graph at a time: the same random draws
+    (the generator ends in the same state), the same loss and gradient as the whole
+    batch, to float rounding (a batch of one runs other kernels: 1e-5 relative)."""
+    from antipers.defenses.objectives import denoising_objective
+
+    photos = SyntheticDataset(n_identities=2, photos_per_set=3).load("synth-0001", 32).set_B
+    sizes = []
+    real = type(tiny_bundle).posterior
+
+    def spy(self, images, *args):
+        sizes.append(len(images))
+        return real(self, images, *args)
+
+    monkeypatch.setattr(type(tiny_bundle), "posterior", spy)
+    results = {}
+    for chunk in (None, 1, 2):
+        gen = torch.Generator().manual_seed(5)
+        x = photos.clone().requires_grad_(True)
+        sizes.clear()
+        loss = denoising_objective(tiny_bundle, "a photo of sks person", gen, chunk=chunk)(x, 0)
+        (grad,) = torch.autograd.grad(loss, x)
+        results[chunk] = (float(loss.detach()), grad, gen.get_state(), list(sizes))
+    whole = results[None]
+    assert whole[3] == [3]
+    assert results[1][3] == [1, 1, 1] and results[2][3] == [2, 1]  # chunked for real
+    for chunk in (1, 2):
+        value, grad, state, _ = results[chunk]
+        assert value == pytest.approx(whole[0], rel=1e-5)
+        assert torch.allclose(grad, whole[1], rtol=1e-4, atol=1e-9 + 1e-4 * whole[1].abs().max())
+        assert torch.equal(state, whole[2])
+    assert whole[1].abs().sum() > 0

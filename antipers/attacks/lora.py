@@ -36,18 +36,29 @@ class LoRADreamBooth(Personalization):
     def trainable(
         self, bundle: DiffusionBundle, generator: torch.Generator
     ) -> tuple[DiffusionBundle, list[torch.nn.Parameter]]:
+        copies = {name: copy.deepcopy(getattr(bundle, name)) for name in self.parts()}
+        return bundle.replace(**copies), self.add_adapters(copies, generator)
+
+    def parts(self) -> dict[str, tuple[str, ...]]:
+        """The modules that get adapters, by bundle part, and their target layers."""
+        parts = {"unet": self.target_modules}
+        if self.train_text_encoder:
+            parts["text_encoder"] = self.text_target_modules
+        return parts
+
+    def add_adapters(
+        self, modules: dict[str, torch.nn.Module], generator: torch.Generator
+    ) -> list[torch.nn.Parameter]:
+        """Adapters on ``modules`` (by part, in ``parts()`` order) in place; returns
+        their weights. The same ``generator`` state gives the same adapters whether
+        ``modules`` are copies (the attack) or the resident model (a surrogate)."""
         from peft import LoraConfig
 
         # peft initialises adapters from the global RNG: seed it from ours, locally.
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        parts = {"unet": self.target_modules}
-        if self.train_text_encoder:
-            parts["text_encoder"] = self.text_target_modules
-        copies = {}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            for name, targets in parts.items():
-                module = copy.deepcopy(getattr(bundle, name))
+            for name, targets in self.parts().items():
                 config = LoraConfig(
                     r=self.rank,
                     lora_alpha=self.alpha,
@@ -55,9 +66,19 @@ class LoRADreamBooth(Personalization):
                     target_modules=list(targets),
                 )
                 try:
-                    module.add_adapter(config)
+                    modules[name].add_adapter(config)
                 except ValueError as exc:
                     raise ValueError(f"lora on {name}: {exc}") from exc
-                copies[name] = module
-        params = [p for m in copies.values() for p in m.parameters() if p.requires_grad]
-        return bundle.replace(**copies), params
+        return [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+
+
+def remove_adapters(module: torch.nn.Module) -> None:
+    """Every adapter layer back to the layer it wraps (the same module object, so the
+    weights are the originals bit for bit), and the module's adapter bookkeeping gone."""
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+    recurse_remove_peft_layers(module)
+    if hasattr(module, "peft_config"):
+        del module.peft_config
+    if hasattr(module, "_hf_peft_config_loaded"):
+        module._hf_peft_config_loaded = False

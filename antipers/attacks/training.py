@@ -8,7 +8,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -124,6 +124,45 @@ class _Embeds:
                 self._cache[prompt] = self.bundle.prompt_embeds([prompt])
         return self._cache[prompt].expand(n, -1, -1)
 
+    def batch(self, parts: list[tuple[str, int]]) -> torch.Tensor:
+        """Embeddings of ``n`` copies of each prompt, in one text-encoder pass."""
+        if self.trainable:
+            return self.bundle.prompt_embeds([p for p, n in parts for _ in range(n)])
+        return torch.cat([self(p, n) for p, n in parts])
+
+
+class _Chunk(NamedTuple):
+    """One part of a step's batch (the instance photos, or the class images), noised."""
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+    t: torch.Tensor
+    prompt: str
+
+
+def _draw(
+    bundle: DiffusionBundle, posterior: Posterior, prompt: str, generator: torch.Generator
+) -> _Chunk:
+    """Latents, noise and timesteps in the order ``training_loss`` draws them, so a
+    step's random numbers do not depend on how its chunks are batched."""
+    latents = posterior.latents(generator)
+    noise = bundle.noise_like(latents, generator)
+    return _Chunk(latents, noise, bundle.sample_timesteps(len(latents), generator), prompt)
+
+
+def _chunked_loss(
+    bundle: DiffusionBundle, chunks: list[_Chunk], embeds: _Embeds, prior_weight: float
+) -> torch.Tensor:
+    """Instance loss plus ``prior_weight`` times the class loss, from one UNet (and text
+    encoder) pass over both chunks, as DreamBooth's reference scripts batch them: on a
+    small model one pass of two is much cheaper than two of one."""
+    latents, noise, t = (torch.cat([c[i] for c in chunks]) for i in range(3))
+    sizes = [len(c.latents) for c in chunks]
+    cond = embeds.batch([(c.prompt, n) for c, n in zip(chunks, sizes, strict=True)])
+    per_image = bundle.denoising_loss(latents, cond, noise, t, reduction="none")
+    losses = [part.mean() for part in per_image.split(sizes)]
+    return losses[0] + prior_weight * losses[1] if len(losses) > 1 else losses[0]
+
 
 def finetune(
     bundle: DiffusionBundle,
@@ -182,16 +221,11 @@ def finetune(
         for step in range(config.steps):
             total = 0.0
             for _ in range(config.grad_accum):
-                idx = next(batches)
-                latents = posterior[idx].latents(generator)
-                cond = embeds(data.prompt, len(idx))
-                loss = bundle.training_loss(latents, cond, generator)
+                chunks = [_draw(bundle, posterior[next(batches)], data.prompt, generator)]
                 if class_batches is not None:
-                    cidx = next(class_batches)
-                    class_latents = class_posterior[cidx].latents(generator)
-                    class_cond = embeds(data.class_prompt, len(cidx))
-                    prior = bundle.training_loss(class_latents, class_cond, generator)
-                    loss = loss + config.prior_weight * prior
+                    class_set = class_posterior[next(class_batches)]
+                    chunks.append(_draw(bundle, class_set, data.class_prompt, generator))
+                loss = _chunked_loss(bundle, chunks, embeds, config.prior_weight)
                 (loss / config.grad_accum).backward()
                 total += float(loss.detach()) / config.grad_accum
             try:

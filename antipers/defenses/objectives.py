@@ -15,17 +15,56 @@ def denoising_objective(
     prompt: str,
     generator: torch.Generator,
     t_range: tuple[int, int] | None = None,
+    chunk: int | None = None,
 ) -> Objective:
     """ASPL's loss: the surrogate's denoising error on the perturbed photos, fresh noise
-    and timesteps each step (as the reference code draws them)."""
+    and timesteps each step (as the reference code draws them). ``chunk``: photos whose
+    graph is held at once (the memory plan's ``pgd_chunk``); the same draws, loss and
+    gradient as the whole batch, to float rounding."""
     with torch.no_grad():
         embeds = bundle.prompt_embeds([prompt])
 
     def objective(x: torch.Tensor, step: int) -> torch.Tensor:
-        latents = bundle.encode(x, generator)
-        return bundle.training_loss(latents, embeds.expand(len(x), -1, -1), generator, t_range)
+        n = len(x)
+        if chunk is None or chunk >= n or not x.requires_grad:
+            latents = bundle.encode(x, generator)
+            return bundle.training_loss(latents, embeds.expand(n, -1, -1), generator, t_range)
+        # the whole batch's draws, in the order the batched call makes them
+        f = bundle.latent_factor
+        shape = (n, bundle.latent_channels, x.shape[-2] // f, x.shape[-1] // f)
+        sampling = torch.randn(shape, generator=generator, dtype=torch.float32)
+        noise = bundle.noise_like(sampling, generator)
+        t = bundle.sample_timesteps(n, generator, t_range)
+
+        def loss_of(lo: int, hi: int, part: torch.Tensor) -> torch.Tensor:
+            latents = bundle.posterior(part).sample(sampling[lo:hi])
+            cond = embeds.expand(hi - lo, -1, -1)
+            return bundle.denoising_loss(latents, cond, noise[lo:hi].to(latents.device), t[lo:hi])
+
+        return in_chunks(x, chunk, loss_of)
 
     return objective
+
+
+def in_chunks(
+    x: torch.Tensor, chunk: int, loss_of: Callable[[int, int, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """A loss that is a mean of per-photo terms, with one chunk's graph alive at a time:
+    each chunk is differentiated as it is computed, and the scalar returned has the
+    batch's mean loss as its value and the collected gradient as its gradient in ``x``
+    (so the PGD engine, EOT transforms and CAP's gradient measure use it unchanged).
+    ``loss_of(lo, hi, x[lo:hi])``: the mean loss of photos ``lo..hi``."""
+    n = len(x)
+    grad, total = torch.zeros_like(x), torch.zeros((), device=x.device)
+    for lo in range(0, n, chunk):
+        hi = min(lo + chunk, n)
+        part = x[lo:hi].detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = loss_of(lo, hi, part) * ((hi - lo) / n)
+            (grad[lo:hi],) = torch.autograd.grad(loss, part)
+        total = total + loss.detach()
+    linear = (x * grad).sum()
+    return total + linear - linear.detach()
 
 
 def gram(features: torch.Tensor) -> torch.Tensor:

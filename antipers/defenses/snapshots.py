@@ -12,7 +12,9 @@ The plan never changes a number (tested: the lean plan's protected photos equal 
 plain plan's bitwise), which is why it is a property of the run, not of the spec:
 ``ANTIPERS_MEMORY=plain|lean|auto`` (auto: lean once the trainable weights pass
 ``LEAN_FROM`` bytes). Lean also turns on gradient checkpointing in the surrogate's
-steps, which recomputes activations instead of storing them.
+steps, which recomputes activations instead of storing them; under auto that follows
+the size of the model the activations run through, so a LoRA surrogate on SD's UNet
+checkpoints too.
 """
 
 from __future__ import annotations
@@ -36,23 +38,40 @@ LEAN_FROM = 1 << 30  # bytes of trainable weights: SD's UNet is 3.5 GB, mini-fac
 
 @dataclass(frozen=True)
 class MemoryPlan:
+    """``pgd_chunk``: photos whose PGD graph is held at once (None: the whole set). At
+    SD scale and 512 px the VAE encoder's activations of 4 photos outweigh everything
+    else in PGD; one photo at a time takes a quarter, for the same gradient."""
+
     snapshots: Place = "device"
     checkpointing: bool = False
+    pgd_chunk: int | None = None
 
     @classmethod
-    def choose(cls, device: torch.device, trainable_bytes: int, offload: bool = True) -> MemoryPlan:
+    def choose(
+        cls,
+        device: torch.device,
+        trainable_bytes: int,
+        offload: bool = True,
+        model_bytes: int | None = None,
+    ) -> MemoryPlan:
         """``ANTIPERS_MEMORY`` (default auto), for ``trainable_bytes`` of weights that
-        train on ``device`` (a LoRA surrogate's adapters are small: plain under auto);
-        ``offload`` (the defense's ``offload_snapshots``) sends a GPU run's snapshots to
-        host memory even under the plain plan."""
+        train on ``device`` inside ``model_bytes`` of model (default: the same; a LoRA
+        surrogate's adapters are small, the UNet its activations run through is not).
+        Under auto, snapshots go off the device by the trainable bytes and activations
+        are checkpointed by the model's. ``offload`` (the defense's
+        ``offload_snapshots``) sends a GPU run's snapshots to host memory even under
+        the plain plan."""
         mode = os.environ.get("ANTIPERS_MEMORY", "auto").strip().lower() or "auto"
         if mode not in MODES:
             raise ValueError(f"ANTIPERS_MEMORY: expected one of {', '.join(MODES)}, got {mode!r}")
+        model_bytes = trainable_bytes if model_bytes is None else model_bytes
         lean = mode == "lean" or (mode == "auto" and trainable_bytes >= LEAN_FROM)
+        checkpointing = mode == "lean" or (mode == "auto" and model_bytes >= LEAN_FROM)
         on_gpu = device.type != "cpu"
+        chunk = 1 if checkpointing else None
         if lean:
-            return cls("cpu" if on_gpu else "disk", checkpointing=True)
-        return cls("cpu" if on_gpu and offload else "device")
+            return cls("cpu" if on_gpu else "disk", checkpointing=True, pgd_chunk=1)
+        return cls("cpu" if on_gpu and offload else "device", checkpointing, chunk)
 
 
 def parameter_bytes(params: Mapping[str, torch.Tensor]) -> int:

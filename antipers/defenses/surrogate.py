@@ -6,7 +6,8 @@ snapshots and restores only the weights that train, and the original weights com
 back when the defense is done (also on error). Where the snapshots live, and whether
 its steps checkpoint activations, is the run's ``MemoryPlan`` (``snapshots.py``): on a
 GPU they live in host memory, and at SD scale on a CPU in a scratch file. A LoRA
-surrogate trains adapters on a copy of the UNet instead (its snapshots are tiny).
+surrogate trains adapters added to the resident UNet (and text encoder) and removed
+when it is done: no copy of either, and tiny snapshots.
 
 Its steps train as Anti-DreamBooth's ``train_one_epoch`` does, by default: one instance
 photo and one class image per step, prior loss weight 1 (``ClassPrior``). The class
@@ -25,7 +26,7 @@ from typing import Literal
 import torch
 
 from antipers.attacks.dreambooth import DreamBooth
-from antipers.attacks.lora import LoRADreamBooth
+from antipers.attacks.lora import LoRADreamBooth, remove_adapters
 from antipers.attacks.personalize import Personalization
 from antipers.attacks.training import TrainData, finetune
 from antipers.defenses.snapshots import MemoryPlan, Snapshot, parameter_bytes
@@ -76,6 +77,7 @@ class Surrogate:
     batch_size: int | None = 1
     frozen_base: DiffusionBundle | None = None  # the untrained model, where EOT needs it
     _original: Snapshot | None = field(default=None, repr=False)
+    _adapted: tuple[torch.nn.Module, ...] = field(default=(), repr=False)
 
     @classmethod
     def build(
@@ -98,11 +100,9 @@ class Surrogate:
             "instance_prompt": prompt,
         }
         if kind == "lora":
-            attack: Personalization = LoRADreamBooth(**common)
-            bundle, _ = attack.trainable(base, generator)
-            params = trainable_parameters(bundle)
-            plan = MemoryPlan.choose(base.device, parameter_bytes(params), offload)
-            return cls(bundle, attack, params, prompt, plan, prior, batch_size)
+            return cls._with_adapters(
+                base, LoRADreamBooth(**common), prompt, generator, offload, prior, batch_size
+            )
         attack = DreamBooth(**common)
         parts = PARTS[: 2 if train_text_encoder else 1]
         params = {
@@ -117,6 +117,35 @@ class Surrogate:
             getattr(base, part).requires_grad_(True)
         return surrogate
 
+    @classmethod
+    def _with_adapters(
+        cls,
+        base: DiffusionBundle,
+        attack: LoRADreamBooth,
+        prompt: str,
+        generator: torch.Generator,
+        offload: bool,
+        prior: ClassPrior | None,
+        batch_size: int | None,
+    ) -> Surrogate:
+        """LoRA adapters on the resident model itself (no copy of the UNet or text
+        encoder), stripped again by ``close``."""
+        modules = {name: getattr(base, name) for name in attack.parts()}
+        try:
+            attack.add_adapters(modules, generator)
+        except BaseException:
+            for module in modules.values():
+                remove_adapters(module)
+            raise
+        params = trainable_parameters(base)
+        model = {n: p for m in modules.values() for n, p in m.named_parameters()}
+        plan = MemoryPlan.choose(
+            base.device, parameter_bytes(params), offload, parameter_bytes(model)
+        )
+        surrogate = cls(base, attack, params, prompt, plan, prior, batch_size)
+        surrogate._adapted = tuple(modules.values())
+        return surrogate
+
     def __enter__(self) -> Surrogate:
         return self
 
@@ -126,7 +155,11 @@ class Surrogate:
         self.close()
 
     def close(self) -> None:
-        """Give an in-place surrogate's weights back to the base model, frozen again."""
+        """Give an in-place surrogate's weights back to the base model, frozen again
+        (a LoRA surrogate: its adapters removed)."""
+        for module in self._adapted:
+            remove_adapters(module)
+        self._adapted = ()
         if self._original is not None:
             for p in self.trainable.values():
                 p.grad = None  # an interrupted step must not leave gradients on the base

@@ -37,6 +37,7 @@ class RunState:
     """Mutable per-protect state the hooks share (SimAC's interval, CAP's weights)."""
 
     t_range: tuple[int, int] | None = None
+    pgd_chunk: int | None = None  # the memory plan's, for objectives that can split
     pgd_steps_done: int = 0
     cap_weights: list[float] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -91,6 +92,8 @@ class SurrogatePGD(ClassImageSettings):
     ) -> Surrogate:
         prior = self.class_prior(bundle, resolution)
         purifies = any(eot_entry(e)[0] == "purify" for e in self.eot)
+        # the surrogate trains in place: EOT purification needs the untrained model
+        frozen = frozen_copy(bundle, self.train_text_encoder) if purifies else None
         surrogate = Surrogate.build(
             bundle,
             self.surrogate,
@@ -102,8 +105,7 @@ class SurrogatePGD(ClassImageSettings):
             prior=prior,
             batch_size=self.surrogate_batch,
         )
-        if purifies and surrogate.bundle is bundle:  # trained in place: keep a frozen base
-            surrogate.frozen_base = frozen_copy(bundle, self.train_text_encoder)
+        surrogate.frozen_base = frozen
         return surrogate
 
     # -- hooks a variant overrides ------------------------------------------------------
@@ -114,7 +116,9 @@ class SurrogatePGD(ClassImageSettings):
         generator: torch.Generator,
         state: RunState,
     ) -> Objective:
-        return denoising_objective(bundle, self.instance_prompt, generator, state.t_range)
+        return denoising_objective(
+            bundle, self.instance_prompt, generator, state.t_range, state.pgd_chunk
+        )
 
     def before_pgd(
         self,
@@ -144,6 +148,7 @@ class SurrogatePGD(ClassImageSettings):
         config = PGDConfig(
             self.eps, self.step_size, self.pgd_steps, self.random_start and iteration == 0
         )
+        state.pgd_chunk = surrogate.plan.pgd_chunk
         objective = self.objective(surrogate.bundle, clean, generator, state)
 
         def counted(images: torch.Tensor, step: int) -> torch.Tensor:

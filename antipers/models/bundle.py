@@ -19,6 +19,15 @@ import torch.nn.functional as F
 
 from antipers.device import autocast
 
+VAE_PIXELS = 512 * 512  # per VAE pass: one photo at 512 px, 16 at 128 px and below
+
+
+def vae_chunk(pixels_per_image: int) -> int:
+    """Images per VAE pass: at most 16, and at most ``VAE_PIXELS`` pixels. At 512 px a
+    pass over 4 photos holds gigabytes of full-resolution activations (the encoder's
+    and decoder's 128-channel maps), so large photos go one at a time."""
+    return max(1, min(16, VAE_PIXELS // max(pixels_per_image, 1)))
+
 
 @dataclass(frozen=True)
 class Posterior:
@@ -38,10 +47,12 @@ class Posterior:
         """Scaled latents: a draw on the CPU generator when given (the same numbers on
         every device), else the mean."""
         if generator is None:
-            z = self.mean
-        else:
-            noise = torch.randn(self.mean.shape, generator=generator, dtype=torch.float32)
-            z = self.mean + self.std * noise.to(self.mean.device, self.mean.dtype)
+            return self.mean.float() * self.scaling_factor
+        return self.sample(torch.randn(self.mean.shape, generator=generator, dtype=torch.float32))
+
+    def sample(self, noise: torch.Tensor) -> torch.Tensor:
+        """Scaled latents at a given standard-normal draw (``latents`` draws one)."""
+        z = self.mean + self.std * noise.to(self.mean.device, self.mean.dtype)
         return z.float() * self.scaling_factor
 
 
@@ -111,10 +122,12 @@ class DiffusionBundle:
         else the mean). Differentiable, for PGD through the VAE."""
         return self.posterior(images).latents(generator)
 
-    def posterior(self, images: torch.Tensor, chunk: int = 16) -> Posterior:
+    def posterior(self, images: torch.Tensor, chunk: int | None = None) -> Posterior:
         """The VAE's posterior over the latents of ``images`` (in ``[0, 1]``): encode a
         fixed photo once, draw a fresh latent from it at every training step. Encoded
-        ``chunk`` images at a time, so hundreds of class images fit on a card."""
+        ``chunk`` images at a time (default: ``vae_chunk``), so hundreds of class images
+        fit on a card."""
+        chunk = chunk or vae_chunk(images.shape[-2] * images.shape[-1])
         means, stds = [], []
         for start in range(0, max(images.shape[0], 1), chunk):
             x = images[start : start + chunk].to(self.device) * 2.0 - 1.0
@@ -125,9 +138,15 @@ class DiffusionBundle:
         return Posterior(torch.cat(means), torch.cat(stds), self.scaling_factor)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        with self.autocast():
-            x = self.vae.decode(latents.to(self.device) / self.scaling_factor).sample
-        return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+        """Latents to images in ``[0, 1]``, ``vae_chunk`` images per VAE pass."""
+        f = self.latent_factor
+        chunk = vae_chunk(latents.shape[-2] * f * latents.shape[-1] * f)
+        images = []
+        for part in latents.split(chunk):
+            with self.autocast():
+                x = self.vae.decode(part.to(self.device) / self.scaling_factor).sample
+            images.append(((x.float() + 1.0) / 2.0).clamp(0.0, 1.0))
+        return torch.cat(images)
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(
