@@ -129,7 +129,7 @@ class DeepCopyASPL(ASPL):
             # loss.backward(), as the reference calls it: every weight's gradient too
             grad = torch.autograd.grad(loss, [x, *weights], allow_unused=True)[0]
             linear = (x * grad).sum()
-            return loss.detach() + linear - linear.detach()  # carries x's gradient
+            return loss.detach() + (linear - linear.detach())  # carries x's gradient
 
         return objective
 

@@ -163,6 +163,24 @@ def test_lora_surrogate_adapts_the_resident_model_and_leaves_it_exact(tiny_bundl
     assert not any(p.requires_grad for _, p in after_weights)
 
 
+def test_a_lora_surrogate_that_fails_to_build_leaves_no_adapters(tiny_bundle, monkeypatch):
+    """A failure after the adapters went on (here: a bad memory setting) takes them off
+    again, so the next build works; a base that already carries adapters is refused,
+    since removing ours would remove those too."""
+    types, _ = _structure(tiny_bundle)
+    monkeypatch.setenv("ANTIPERS_MEMORY", "tiny")
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="ANTIPERS_MEMORY"):
+        Surrogate.build(tiny_bundle, "lora", 1e-3, True, "a photo of sks person", gen)
+    assert _structure(tiny_bundle)[0] == types
+    assert not hasattr(tiny_bundle.unet, "peft_config")
+    monkeypatch.delenv("ANTIPERS_MEMORY")
+    first = Surrogate.build(tiny_bundle, "lora", 1e-3, True, "a photo of sks person", gen)
+    with first, pytest.raises(ValueError, match="carry adapters"):
+        Surrogate.build(tiny_bundle, "lora", 1e-3, True, "a photo of sks person", gen)
+    assert _structure(tiny_bundle)[0] == types
+
+
 def test_surrogate_steps_train_as_the_reference(person, tiny_bundle, monkeypatch):
     """Anti-DreamBooth's train_one_epoch: each step one pass over one instance photo
     (instance prompt) and one class image (class prompt), prior weight 1."""

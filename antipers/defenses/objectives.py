@@ -20,7 +20,8 @@ def denoising_objective(
     """ASPL's loss: the surrogate's denoising error on the perturbed photos, fresh noise
     and timesteps each step (as the reference code draws them). ``chunk``: photos whose
     graph is held at once (the memory plan's ``pgd_chunk``); the same draws, loss and
-    gradient as the whole batch, to float rounding."""
+    gradient as the whole batch, to float rounding (other batch sizes run other
+    kernels)."""
     with torch.no_grad():
         embeds = bundle.prompt_embeds([prompt])
 
@@ -31,13 +32,16 @@ def denoising_objective(
             return bundle.training_loss(latents, embeds.expand(n, -1, -1), generator, t_range)
         # the whole batch's draws, in the order the batched call makes them
         f = bundle.latent_factor
-        shape = (n, bundle.latent_channels, x.shape[-2] // f, x.shape[-1] // f)
+        shape = (n, bundle.vae.config.latent_channels, x.shape[-2] // f, x.shape[-1] // f)
         sampling = torch.randn(shape, generator=generator, dtype=torch.float32)
         noise = bundle.noise_like(sampling, generator)
         t = bundle.sample_timesteps(n, generator, t_range)
 
         def loss_of(lo: int, hi: int, part: torch.Tensor) -> torch.Tensor:
-            latents = bundle.posterior(part).sample(sampling[lo:hi])
+            posterior = bundle.posterior(part)
+            if posterior.mean.shape[1:] != shape[1:]:
+                raise ValueError(f"VAE latents {tuple(posterior.mean.shape)}, expected {shape}")
+            latents = posterior.sample(sampling[lo:hi])
             cond = embeds.expand(hi - lo, -1, -1)
             return bundle.denoising_loss(latents, cond, noise[lo:hi].to(latents.device), t[lo:hi])
 
@@ -64,7 +68,7 @@ def in_chunks(
             (grad[lo:hi],) = torch.autograd.grad(loss, part)
         total = total + loss.detach()
     linear = (x * grad).sum()
-    return total + linear - linear.detach()
+    return total + (linear - linear.detach())  # exactly ``total``, with ``grad`` attached
 
 
 def gram(features: torch.Tensor) -> torch.Tensor:

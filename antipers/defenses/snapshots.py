@@ -8,8 +8,12 @@ encoder is 4.8 GB in float32, and ASPL holds two (the base model's, the iteratio
 ``disk`` in a scratch file that a restore reads back one tensor at a time, so a copy
 costs no memory at all (the CPU default at that scale). Every place restores exactly.
 
-The plan never changes a number (tested: the lean plan's protected photos equal the
-plain plan's bitwise), which is why it is a property of the run, not of the spec:
+The plan does not change the algorithm, only where numbers live and how work is
+split (tested: on ``tiny`` the lean plan's protected photos equal the plain plan's
+bitwise). Snapshots and checkpointing recompute and store the same numbers exactly;
+PGD one photo at a time sums the same gradient in another order, equal to float
+rounding, so on other kernels (a GPU) a rare pixel may differ by one level. That is
+why it is a property of the run, not of the spec:
 ``ANTIPERS_MEMORY=plain|lean|auto`` (auto: lean once the trainable weights pass
 ``LEAN_FROM`` bytes). Lean also turns on gradient checkpointing in the surrogate's
 steps, which recomputes activations instead of storing them; under auto that follows

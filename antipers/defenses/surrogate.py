@@ -131,17 +131,20 @@ class Surrogate:
         """LoRA adapters on the resident model itself (no copy of the UNet or text
         encoder), stripped again by ``close``."""
         modules = {name: getattr(base, name) for name in attack.parts()}
+        carrying = [name for name, m in modules.items() if getattr(m, "peft_config", None)]
+        if carrying:  # removing ours would remove those too
+            raise ValueError(f"lora surrogate: the base model's {carrying} carry adapters")
         try:
             attack.add_adapters(modules, generator)
+            params = trainable_parameters(base)
+            model = {n: p for m in modules.values() for n, p in m.named_parameters()}
+            plan = MemoryPlan.choose(
+                base.device, parameter_bytes(params), offload, parameter_bytes(model)
+            )
         except BaseException:
             for module in modules.values():
                 remove_adapters(module)
             raise
-        params = trainable_parameters(base)
-        model = {n: p for m in modules.values() for n, p in m.named_parameters()}
-        plan = MemoryPlan.choose(
-            base.device, parameter_bytes(params), offload, parameter_bytes(model)
-        )
         surrogate = cls(base, attack, params, prompt, plan, prior, batch_size)
         surrogate._adapted = tuple(modules.values())
         return surrogate
