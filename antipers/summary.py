@@ -35,10 +35,14 @@ def summary_table(
     return table.reset_index()
 
 
+MOSTLY_FACELESS = 0.5  # FDFR from which a sentence leads with the faces that went
+
+
 def verdicts(rows: pd.DataFrame, baseline: str = "none") -> list[str]:
     """One computed sentence per defense: what it did to the attack's linkability and
-    ISM against the undefended baseline (or, where no generation has a face to link,
-    to FDFR), and what it cost (budget, PSNR)."""
+    ISM against the undefended baseline, and what it cost (budget, PSNR). Where the
+    defense took the face from most generations, the sentence leads with FDFR (and
+    says linkability and ISM are of the faces left, or that none is left to link)."""
     table = summary_table(rows, by=("defense", "countermeasure", "attack"))
     if table.empty:
         return []
@@ -56,10 +60,16 @@ def verdicts(rows: pd.DataFrame, baseline: str = "none") -> list[str]:
                 if metric in column and pd.notna(by.loc[defense, column[metric]]):
                     before, after = base[column[metric]], by.loc[defense, column[metric]]
                     parts.append(_change(metric, before, after))
-            if not parts and "fdfr" in column and pd.notna(by.loc[defense, column["fdfr"]]):
-                # identity metrics are undefined without faces: the attack made none
+            fdfr = None
+            if "fdfr" in column and pd.notna(by.loc[defense, column["fdfr"]]):
                 before, after = base[column["fdfr"]], by.loc[defense, column["fdfr"]]
-                parts.append(f"{_change('fdfr', before, after)} (no face to link)")
+                fdfr = _change("fdfr", before, after) if after >= MOSTLY_FACELESS > before else None
+            if not parts and fdfr:
+                # identity metrics are undefined without faces: the attack made none
+                parts = [f"{fdfr} (no face to link)"]
+            elif parts and fdfr:
+                # most generations have no face: what linkability and ISM say is of the rest
+                parts = [f"{fdfr}, and on the faces left {' and '.join(parts)}"]
             if not parts:
                 continue
             cost = []

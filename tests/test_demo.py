@@ -159,6 +159,9 @@ def test_verdicts_say_what_each_defense_did_with_its_cost():
             row("none", "fdfr", 0.25, True),
             row("faceless", "fdfr", 1.0, True, eps=16),
             row("faceless", "linkability", float("nan"), False, eps=16),
+            row("mostly", "fdfr", 0.94, True, eps=16),
+            row("mostly", "linkability", 1.0, False, eps=16),
+            row("aspl", "fdfr", 0.3, True, eps=8),
         ]
     )
     lines = verdicts(rows)
@@ -175,5 +178,10 @@ def test_verdicts_say_what_each_defense_did_with_its_cost():
     assert (
         "faceless raised fdfr from 0.25 to 1.00 (no face to link) against dreambooth (16/255)"
         in lines
+    )
+    # most generations faceless: it leads with FDFR, and says whose linkability is left
+    assert (
+        "mostly raised fdfr from 0.25 to 0.94, and on the faces left raised linkability "
+        "from 0.90 to 1.00 against dreambooth (16/255)" in lines
     )
     assert verdicts(rows[rows["defense"] != "none"]) == []  # no baseline, no claim
