@@ -38,6 +38,7 @@ from _harness import emit, in_child, peak_gib, plain_adamw, reset_peak
 from antipers.data.synthetic import SyntheticDataset
 from antipers.defenses.aspl import ASPL
 from antipers.defenses.base import Protected
+from antipers.defenses.objectives import carrying_gradient
 from antipers.defenses.pgd import project_png
 from antipers.defenses.snapshots import MODES, MemoryPlan, parameter_bytes
 from antipers.defenses.surrogate import ClassPrior, Surrogate, trainable_parameters
@@ -128,8 +129,7 @@ class DeepCopyASPL(ASPL):
             loss = bundle.training_loss(latents, embeds, generator, state.t_range)
             # loss.backward(), as the reference calls it: every weight's gradient too
             grad = torch.autograd.grad(loss, [x, *weights], allow_unused=True)[0]
-            linear = (x * grad).sum()
-            return loss.detach() + (linear - linear.detach())  # carries x's gradient
+            return carrying_gradient(loss, x, grad)
 
         return objective
 

@@ -67,8 +67,14 @@ def in_chunks(
             loss = loss_of(lo, hi, part) * ((hi - lo) / n)
             (grad[lo:hi],) = torch.autograd.grad(loss, part)
         total = total + loss.detach()
+    return carrying_gradient(total, x, grad)
+
+
+def carrying_gradient(value: torch.Tensor, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """A scalar equal to ``value`` (exactly) whose gradient in ``x`` is ``grad``: for an
+    objective that differentiated itself and hands the PGD engine only the result."""
     linear = (x * grad).sum()
-    return total + (linear - linear.detach())  # exactly ``total``, with ``grad`` attached
+    return value.detach() + (linear - linear.detach())
 
 
 def gram(features: torch.Tensor) -> torch.Tensor:

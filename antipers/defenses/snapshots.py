@@ -69,13 +69,14 @@ class MemoryPlan:
         if mode not in MODES:
             raise ValueError(f"ANTIPERS_MEMORY: expected one of {', '.join(MODES)}, got {mode!r}")
         model_bytes = trainable_bytes if model_bytes is None else model_bytes
-        lean = mode == "lean" or (mode == "auto" and trainable_bytes >= LEAN_FROM)
-        checkpointing = mode == "lean" or (mode == "auto" and model_bytes >= LEAN_FROM)
         on_gpu = device.type != "cpu"
-        chunk = 1 if checkpointing else None
-        if lean:
-            return cls("cpu" if on_gpu else "disk", checkpointing=True, pgd_chunk=1)
-        return cls("cpu" if on_gpu and offload else "device", checkpointing, chunk)
+        if mode == "lean" or (mode == "auto" and trainable_bytes >= LEAN_FROM):
+            snapshots: Place = "cpu" if on_gpu else "disk"
+        else:
+            snapshots = "cpu" if on_gpu and offload else "device"
+        # the model holds the weights that train, so this is on whenever snapshots leave
+        checkpointing = mode == "lean" or (mode == "auto" and model_bytes >= LEAN_FROM)
+        return cls(snapshots, checkpointing, 1 if checkpointing else None)
 
 
 def parameter_bytes(params: Mapping[str, torch.Tensor]) -> int:
