@@ -92,7 +92,8 @@ def person():
 
 
 @pytest.mark.parametrize(
-    ("name", "extra"), [("aspl", {}), ("simac", {}), ("aspl", {"surrogate": "lora"})]
+    ("name", "extra"),
+    [("aspl", {}), ("simac", {}), ("cap-aspl", {}), ("aspl", {"surrogate": "lora"})],
 )
 def test_lean_plan_protects_bitwise_as_the_plain_plan(
     name, extra, person, tiny_bundle, tmp_path, monkeypatch
@@ -147,27 +148,43 @@ def test_aspl_encodes_its_clean_photos_once_per_identity(person, tiny_bundle, mo
     assert len(calls) == 1 + 3 + 3
 
 
-def test_pgd_in_chunks_has_the_whole_batch_draws_loss_and_gradient(tiny_bundle, monkeypatch):
-    """The lean plan's PGD holds one photo's graph at a time: the same random draws
-    (the generator ends in the same state), the same loss and gradient as the whole
-    batch, to float rounding (a batch of one runs other kernels: 1e-5 relative)."""
+def _aspl_objective(bundle, generator, chunk, clean):
     from antipers.defenses.objectives import denoising_objective
 
-    photos = SyntheticDataset(n_identities=2, photos_per_set=3).load("synth-0001", 32).set_B
+    return denoising_objective(bundle, "a photo of sks person", generator, chunk=chunk)
+
+
+def _simac_objective(bundle, generator, chunk, clean):
+    from antipers.defenses.surrogate_pgd import RunState
+
+    state = RunState(t_range=(0, 600), pgd_chunk=chunk)
+    return DEFENSES.build("simac", {}).objective(bundle, clean, generator, state)
+
+
+@pytest.mark.parametrize("build", [_aspl_objective, _simac_objective], ids=["aspl", "simac"])
+def test_pgd_in_chunks_has_the_whole_batch_draws_loss_and_gradient(build, tiny_bundle, monkeypatch):
+    """The lean plan's PGD holds one photo's graph at a time: the same random draws
+    (the generator ends in the same state), the same loss and gradient as the whole
+    batch, to float rounding (a batch of one runs other kernels: 1e-5 relative). SimAC
+    adds its up-block feature term, against the clean photos' rows of the chunk."""
+    person = SyntheticDataset(n_identities=2, photos_per_set=3).load("synth-0001", 32)
+    photos, clean = person.set_B, person.set_A
     sizes = []
     real = type(tiny_bundle).posterior
 
     def spy(self, images, *args):
-        sizes.append(len(images))
+        if torch.is_grad_enabled():
+            sizes.append(len(images))
         return real(self, images, *args)
 
     monkeypatch.setattr(type(tiny_bundle), "posterior", spy)
     results = {}
     for chunk in (None, 1, 2):
         gen = torch.Generator().manual_seed(5)
+        objective = build(tiny_bundle, gen, chunk, clean)
         x = photos.clone().requires_grad_(True)
         sizes.clear()
-        loss = denoising_objective(tiny_bundle, "a photo of sks person", gen, chunk=chunk)(x, 0)
+        loss = objective(x, 0)
         (grad,) = torch.autograd.grad(loss, x)
         results[chunk] = (float(loss.detach()), grad, gen.get_state(), list(sizes))
     whole = results[None]
@@ -179,3 +196,27 @@ def test_pgd_in_chunks_has_the_whole_batch_draws_loss_and_gradient(tiny_bundle, 
         assert torch.allclose(grad, whole[1], rtol=1e-4, atol=1e-9 + 1e-4 * whole[1].abs().max())
         assert torch.equal(state, whole[2])
     assert whole[1].abs().sum() > 0
+
+
+def test_cap_consistency_in_chunks_is_the_whole_sets(tiny_bundle):
+    """CAP's spread around the set's mean Gram matrix, one chunk's features at a time:
+    the same value and gradient as the whole set's (the mean is held fixed, which drops
+    nothing), to float rounding."""
+    from antipers.defenses.features import vae_features
+    from antipers.defenses.objectives import gram_spread, gram_spread_in_chunks
+
+    extract = vae_features(tiny_bundle, (0, 1))
+    photos = SyntheticDataset(n_identities=1, photos_per_set=3).load("synth-0000", 32).set_B
+    out = {}
+    for chunk in (None, 1, 2):
+        x = photos.clone().requires_grad_(True)
+        value = (
+            gram_spread(extract(x)) if chunk is None else gram_spread_in_chunks(extract, x, chunk)
+        )
+        (grad,) = torch.autograd.grad(value, x)
+        out[chunk] = (float(value.detach()), grad)
+    value, grad = out[None]
+    assert value > 0 and grad.abs().sum() > 0
+    for chunk in (1, 2):
+        assert out[chunk][0] == pytest.approx(value, rel=1e-5)
+        assert torch.allclose(out[chunk][1], grad, rtol=1e-4, atol=1e-4 * grad.abs().max())

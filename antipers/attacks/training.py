@@ -8,11 +8,12 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 
 from antipers.models.bundle import DiffusionBundle, Posterior
+from antipers.models.recompute import checkpointed
 
 log = logging.getLogger(__name__)
 
@@ -63,33 +64,6 @@ def batch_indices(n: int, batch_size: int, generator: torch.Generator) -> Iterat
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, batch_size):
             yield order[start : start + batch_size]
-
-
-@contextlib.contextmanager
-def checkpointed(modules: list[Any], on: bool = True) -> Iterator[None]:
-    """Activations recomputed in backward instead of stored, in diffusers and
-    transformers modules alike; switched off again after."""
-    if not on:
-        yield
-        return
-    for module in modules:
-        _checkpointing(module, True)
-    try:
-        yield
-    finally:
-        for module in modules:
-            _checkpointing(module, False)
-
-
-def _checkpointing(module: Any, on: bool) -> None:
-    verb = "enable" if on else "disable"
-    # diffusers; transformers (renamed to activation_checkpointing_* in 4.5x)
-    names = (f"{verb}_gradient_checkpointing", f"activation_checkpointing_{verb}")
-    for name in (*names, f"gradient_checkpointing_{verb}"):
-        if hasattr(module, name):
-            getattr(module, name)()
-            return
-    raise TypeError(f"{type(module).__name__} cannot checkpoint its activations")
 
 
 @contextlib.contextmanager

@@ -9,6 +9,10 @@ import torch
 from antipers.defenses.pgd import Objective
 from antipers.models.bundle import DiffusionBundle
 
+Term = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, slice], torch.Tensor]
+"""A PGD loss from the latents, noise and timesteps of the batch's photos ``rows``:
+their mean, so a batch's loss is the size-weighted mean of its chunks'."""
+
 
 def denoising_objective(
     bundle: DiffusionBundle,
@@ -18,36 +22,60 @@ def denoising_objective(
     chunk: int | None = None,
 ) -> Objective:
     """ASPL's loss: the surrogate's denoising error on the perturbed photos, fresh noise
-    and timesteps each step (as the reference code draws them). ``chunk``: photos whose
-    graph is held at once (the memory plan's ``pgd_chunk``); the same draws, loss and
-    gradient as the whole batch, to float rounding (other batch sizes run other
-    kernels)."""
+    and timesteps each step (as the reference code draws them), in chunks of ``chunk``
+    photos (``drawn_loss``)."""
     with torch.no_grad():
         embeds = bundle.prompt_embeds([prompt])
 
+    def term(
+        latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, rows: slice
+    ) -> torch.Tensor:
+        return bundle.denoising_loss(latents, embeds.expand(len(latents), -1, -1), noise, t)
+
     def objective(x: torch.Tensor, step: int) -> torch.Tensor:
-        n = len(x)
-        if chunk is None or chunk >= n or not x.requires_grad:
-            latents = bundle.encode(x, generator)
-            return bundle.training_loss(latents, embeds.expand(n, -1, -1), generator, t_range)
-        # the whole batch's draws, in the order the batched call makes them
-        f = bundle.latent_factor
-        shape = (n, bundle.vae.config.latent_channels, x.shape[-2] // f, x.shape[-1] // f)
-        sampling = torch.randn(shape, generator=generator, dtype=torch.float32)
-        noise = bundle.noise_like(sampling, generator)
-        t = bundle.sample_timesteps(n, generator, t_range)
-
-        def loss_of(lo: int, hi: int, part: torch.Tensor) -> torch.Tensor:
-            posterior = bundle.posterior(part)
-            if posterior.mean.shape[1:] != shape[1:]:
-                raise ValueError(f"VAE latents {tuple(posterior.mean.shape)}, expected {shape}")
-            latents = posterior.sample(sampling[lo:hi])
-            cond = embeds.expand(hi - lo, -1, -1)
-            return bundle.denoising_loss(latents, cond, noise[lo:hi].to(latents.device), t[lo:hi])
-
-        return in_chunks(x, chunk, loss_of)
+        return drawn_loss(bundle, x, generator, term, t_range, chunk)
 
     return objective
+
+
+def drawn_loss(
+    bundle: DiffusionBundle,
+    x: torch.Tensor,
+    generator: torch.Generator,
+    term: Term,
+    t_range: tuple[int, int] | None = None,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """``term`` on the photos ``x`` encoded and noised with fresh draws (a latent
+    sample, noise, timesteps, in that order). ``chunk``: photos whose graph is held at
+    once (the memory plan's ``pgd_chunk``); the same draws, loss and gradient as the
+    whole batch, to float rounding (other batch sizes run other kernels)."""
+    n = len(x)
+    if whole_batch(x, chunk):
+        latents = bundle.encode(x, generator)
+        noise = bundle.noise_like(latents, generator)
+        return term(latents, noise, bundle.sample_timesteps(n, generator, t_range), slice(0, n))
+    # the whole batch's draws, in the order the batched call makes them
+    f = bundle.latent_factor
+    shape = (n, bundle.vae.config.latent_channels, x.shape[-2] // f, x.shape[-1] // f)
+    sampling = torch.randn(shape, generator=generator, dtype=torch.float32)
+    noise = bundle.noise_like(sampling, generator)
+    t = bundle.sample_timesteps(n, generator, t_range)
+
+    def loss_of(lo: int, hi: int, part: torch.Tensor) -> torch.Tensor:
+        posterior = bundle.posterior(part)
+        if posterior.mean.shape[1:] != shape[1:]:
+            raise ValueError(f"VAE latents {tuple(posterior.mean.shape)}, expected {shape}")
+        latents = posterior.sample(sampling[lo:hi])
+        return term(latents, noise[lo:hi].to(latents.device), t[lo:hi], slice(lo, hi))
+
+    return in_chunks(x, chunk, loss_of)
+
+
+def whole_batch(x: torch.Tensor, chunk: int | None) -> bool:
+    """Whether a loss on ``x`` runs as one graph: no plan to split, a chunk as large as
+    the batch, or no gradient to collect."""
+    return chunk is None or chunk >= len(x) or not x.requires_grad
 
 
 def in_chunks(
@@ -92,6 +120,29 @@ def gram_spread(feature_maps: list[torch.Tensor]) -> torch.Tensor:
         g = gram(f)
         total = total + ((g - g.mean(dim=0, keepdim=True)) ** 2).sum(dim=(1, 2)).mean()
     return total
+
+
+def gram_spread_in_chunks(extract: FeatureFn, x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``gram_spread(extract(x))`` with one chunk's feature maps alive at a time: the
+    set's mean Gram matrices first, without gradients, then each chunk's spread around
+    them. The gradient is the whole set's: what the spread pulls through the mean sums
+    to zero over the set, so holding the mean fixed drops nothing."""
+    with torch.no_grad():
+        per_chunk = [
+            [gram(f) for f in extract(x[lo : lo + chunk])] for lo in range(0, len(x), chunk)
+        ]
+        means = [
+            torch.cat(layer).mean(dim=0, keepdim=True) for layer in zip(*per_chunk, strict=True)
+        ]
+
+    def loss_of(lo: int, hi: int, part: torch.Tensor) -> torch.Tensor:
+        spreads = [
+            ((gram(f) - m) ** 2).sum(dim=(1, 2)).mean()
+            for f, m in zip(extract(part), means, strict=True)
+        ]
+        return torch.stack(spreads).sum()
+
+    return in_chunks(x, chunk, loss_of)
 
 
 def dynamic_weight(

@@ -22,7 +22,7 @@ from typing import Annotated
 import torch
 
 from antipers.defenses.aspl import ASPL
-from antipers.defenses.objectives import UpBlockFeatures
+from antipers.defenses.objectives import UpBlockFeatures, drawn_loss
 from antipers.defenses.pgd import Objective
 from antipers.defenses.surrogate_pgd import RunState, log
 from antipers.models.bundle import DiffusionBundle
@@ -118,17 +118,16 @@ class SimAC(ASPL):
             clean_latents = bundle.encode(clean)
         blocks = self._blocks(bundle)
 
-        def objective(x: torch.Tensor, step: int) -> torch.Tensor:
-            emb = embeds.expand(len(x), -1, -1)
-            latents = bundle.encode(x, generator)
-            noise = bundle.noise_like(latents, generator)
-            t = bundle.sample_timesteps(len(x), generator, state.t_range)
+        def term(
+            latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, rows: slice
+        ) -> torch.Tensor:
+            emb = embeds.expand(len(latents), -1, -1)
             hooks = UpBlockFeatures(bundle.unet, blocks)
             try:
                 loss = bundle.denoising_loss(latents, emb, noise, t)
                 adv_features = hooks.take()
                 with torch.no_grad():
-                    bundle.denoising_loss(clean_latents, emb, noise, t)
+                    bundle.denoising_loss(clean_latents[rows], emb, noise, t)
                 clean_features = hooks.take()
             finally:
                 hooks.close()
@@ -139,5 +138,8 @@ class SimAC(ASPL):
                 )
                 loss = loss + self.feature_weight * feature
             return loss
+
+        def objective(x: torch.Tensor, step: int) -> torch.Tensor:
+            return drawn_loss(bundle, x, generator, term, state.t_range, state.pgd_chunk)
 
         return objective

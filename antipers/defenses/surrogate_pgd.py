@@ -18,12 +18,12 @@ import torch
 
 from antipers.attacks.class_images import ClassImageSettings
 from antipers.attacks.countermeasures import AttackEnv
-from antipers.attacks.training import checkpointed
 from antipers.data.identity import IdentitySet
 from antipers.defenses.objectives import denoising_objective
 from antipers.defenses.pgd import Objective, PGDConfig, eot_entry, eot_transforms, pgd
 from antipers.defenses.surrogate import ClassPrior, Surrogate, SurrogateKind, frozen_copy
 from antipers.models.bundle import DiffusionBundle
+from antipers.models.recompute import checkpointed, encoder_checkpointed
 from antipers.ranges import Range
 
 log = logging.getLogger("antipers.defenses")
@@ -156,7 +156,7 @@ class SurrogatePGD(ClassImageSettings):
             state.pgd_steps_done += 1
             return loss
 
-        # the lean plan recomputes the UNet's and the VAE's activations in backward
-        modules = [surrogate.bundle.unet, surrogate.bundle.vae]
-        with checkpointed(modules, surrogate.plan.checkpointing):
+        # the lean plan recomputes the UNet's and the VAE encoder's activations in backward
+        on, model = surrogate.plan.checkpointing, surrogate.bundle
+        with checkpointed([model.unet], on), encoder_checkpointed(model.vae, on):
             return pgd(x, clean, counted, config, generator, eot_transforms(self.eot, env))
