@@ -72,3 +72,12 @@ def test_a_vae_of_another_layout_uses_its_own_checkpointing():
     with encoder_checkpointed(Other(), on=False):
         pass
     assert calls == ["on", "off"]
+
+
+def test_layers_listed_twice_or_a_failure_inside_still_restore_every_layer(vae):
+    layers = list(vae.encoder.down_blocks[0].resnets)
+    twice = [layers[0], *layers, layers[0]]
+    with pytest.raises(RuntimeError, match="inside"), layers_checkpointed(twice):
+        assert all("forward" in vars(layer) for layer in layers)
+        raise RuntimeError("inside")
+    assert all("forward" not in vars(layer) for layer in layers)

@@ -11,6 +11,7 @@ import torch
 from antipers.data.synthetic import SyntheticDataset
 from antipers.defenses.snapshots import LEAN_FROM, MemoryPlan, Snapshot
 from antipers.images import quantize
+from antipers.models import recompute
 from antipers.registry import DEFENSES
 
 
@@ -110,10 +111,11 @@ def test_lean_plan_protects_bitwise_as_the_plain_plan(
     real = torch.utils.checkpoint.checkpoint
 
     def counting(*args, **kwargs):
-        recomputed.append(1)
+        recomputed.append(getattr(args[0], "__self__", None))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    monkeypatch.setattr(recompute, "checkpoint", counting)  # the VAE encoder's layers
     before = {k: v.clone() for k, v in tiny_bundle.unet.state_dict().items()}
     out, checkpoints = {}, {}
     for mode in ("plain", "lean"):
@@ -121,8 +123,11 @@ def test_lean_plan_protects_bitwise_as_the_plain_plan(
         recomputed.clear()
         defense = DEFENSES.build(name, settings)
         out[mode] = defense.protect(person, tiny_bundle, torch.Generator().manual_seed(0)).images
-        checkpoints[mode] = len(recomputed)
-    assert checkpoints["plain"] == 0 < checkpoints["lean"]  # lean did recompute
+        checkpoints[mode] = list(recomputed)
+    encoder = set(tiny_bundle.vae.encoder.modules())
+    assert checkpoints["plain"] == []
+    assert any(m in encoder for m in checkpoints["lean"])  # the VAE encoder, layer by layer
+    assert any(m not in encoder for m in checkpoints["lean"])  # the UNet's own blocks
     assert torch.equal(out["plain"], out["lean"])
     assert not torch.equal(out["plain"], person.set_B)
     after = tiny_bundle.unet.state_dict()
@@ -203,19 +208,27 @@ def test_cap_consistency_in_chunks_is_the_whole_sets(tiny_bundle):
     the same value and gradient as the whole set's (the mean is held fixed, which drops
     nothing), to float rounding."""
     from antipers.defenses.features import vae_features
-    from antipers.defenses.objectives import gram_spread, gram_spread_in_chunks
+    from antipers.defenses.objectives import consistency_loss
 
-    extract = vae_features(tiny_bundle, (0, 1))
+    layers = (0, 1)
+    inner = vae_features(tiny_bundle, layers)
+    sizes = []
+
+    def extract(x):
+        if torch.is_grad_enabled():
+            sizes.append(len(x))
+        return inner(x)
+
     photos = SyntheticDataset(n_identities=1, photos_per_set=3).load("synth-0000", 32).set_B
     out = {}
     for chunk in (None, 1, 2):
         x = photos.clone().requires_grad_(True)
-        value = (
-            gram_spread(extract(x)) if chunk is None else gram_spread_in_chunks(extract, x, chunk)
-        )
+        sizes.clear()
+        value = consistency_loss(extract, x, chunk)
         (grad,) = torch.autograd.grad(value, x)
-        out[chunk] = (float(value.detach()), grad)
-    value, grad = out[None]
+        out[chunk] = (float(value.detach()), grad, list(sizes))
+    value, grad, whole = out[None]
+    assert whole == [3] and out[1][2] == [1, 1, 1] and out[2][2] == [2, 1]
     assert value > 0 and grad.abs().sum() > 0
     for chunk in (1, 2):
         assert out[chunk][0] == pytest.approx(value, rel=1e-5)

@@ -20,13 +20,7 @@ import torch
 from antipers.defenses.aspl import ASPL
 from antipers.defenses.features import vae_features, vgg_features
 from antipers.defenses.fsmg import FSMG
-from antipers.defenses.objectives import (
-    FeatureFn,
-    dynamic_weight,
-    gram_spread,
-    gram_spread_in_chunks,
-    whole_batch,
-)
+from antipers.defenses.objectives import FeatureFn, consistency_loss, dynamic_weight
 from antipers.defenses.pgd import Objective
 from antipers.defenses.simac import SimAC
 from antipers.defenses.surrogate_pgd import RunState
@@ -66,10 +60,7 @@ class CAPMixin:
 
         def objective(x: torch.Tensor, step: int) -> torch.Tensor:
             rec = reconstruction(x, step)
-            if whole_batch(x, state.pgd_chunk):
-                cons = gram_spread(extract(x))
-            else:  # the memory plan's chunks, as the reconstruction term's
-                cons = gram_spread_in_chunks(extract, x, state.pgd_chunk)
+            cons = consistency_loss(extract, x, state.pgd_chunk)  # chunked as ``rec``
             if self.cap_measure == "grad":
                 (g_rec,) = torch.autograd.grad(rec, x, retain_graph=True)
                 (g_cons,) = torch.autograd.grad(cons, x, retain_graph=True)

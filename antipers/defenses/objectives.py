@@ -118,28 +118,29 @@ def gram_spread(feature_maps: list[torch.Tensor]) -> torch.Tensor:
     total = torch.zeros((), device=feature_maps[0].device)
     for f in feature_maps:
         g = gram(f)
-        total = total + ((g - g.mean(dim=0, keepdim=True)) ** 2).sum(dim=(1, 2)).mean()
+        total = total + _spread(g, g.mean(dim=0, keepdim=True))
     return total
 
 
-def gram_spread_in_chunks(extract: FeatureFn, x: torch.Tensor, chunk: int) -> torch.Tensor:
-    """``gram_spread(extract(x))`` with one chunk's feature maps alive at a time: the
-    set's mean Gram matrices first, without gradients, then each chunk's spread around
-    them. The gradient is the whole set's: what the spread pulls through the mean sums
-    to zero over the set, so holding the mean fixed drops nothing."""
+def _spread(grams: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    return ((grams - mean) ** 2).sum(dim=(1, 2)).mean()
+
+
+def consistency_loss(extract: FeatureFn, x: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """``gram_spread(extract(x))``, with one chunk's feature maps alive at a time where
+    the memory plan splits PGD: the set's mean Gram matrices first, without gradients
+    (one more pass of the extractor), then each chunk's spread around them. The
+    gradient is the whole set's: what the spread pulls through the mean sums to zero
+    over the set, so holding the mean fixed drops nothing."""
+    if chunk is None or whole_batch(x, chunk):
+        return gram_spread(extract(x))
     with torch.no_grad():
-        per_chunk = [
-            [gram(f) for f in extract(x[lo : lo + chunk])] for lo in range(0, len(x), chunk)
-        ]
-        means = [
-            torch.cat(layer).mean(dim=0, keepdim=True) for layer in zip(*per_chunk, strict=True)
-        ]
+        grams = [[gram(f) for f in extract(x[lo : lo + chunk])] for lo in range(0, len(x), chunk)]
+        layers = zip(*grams, strict=True)
+        means = [torch.cat(layer).mean(dim=0, keepdim=True) for layer in layers]
 
     def loss_of(lo: int, hi: int, part: torch.Tensor) -> torch.Tensor:
-        spreads = [
-            ((gram(f) - m) ** 2).sum(dim=(1, 2)).mean()
-            for f, m in zip(extract(part), means, strict=True)
-        ]
+        spreads = [_spread(gram(f), m) for f, m in zip(extract(part), means, strict=True)]
         return torch.stack(spreads).sum()
 
     return in_chunks(x, chunk, loss_of)

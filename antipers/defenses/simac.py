@@ -140,6 +140,8 @@ class SimAC(ASPL):
             return loss
 
         def objective(x: torch.Tensor, step: int) -> torch.Tensor:
+            if len(x) != len(clean_latents):
+                raise ValueError(f"SimAC: {len(x)} photos against {len(clean_latents)} clean")
             return drawn_loss(bundle, x, generator, term, state.t_range, state.pgd_chunk)
 
         return objective
