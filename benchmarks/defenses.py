@@ -10,7 +10,8 @@ images made with 2 sampler steps). ``aspl-deepcopy`` is ASPL as the reference co
 runs it (``DeepCopyASPL``: a fresh deep copy of the UNet and text encoder every
 iteration, the VAE at every surrogate step, every weight gradient at every PGD step,
 torch's AdamW, bf16 weights as the reference casts them; ``aspl-deepcopy-fp32``: the
-same in fp32); ``aspl-lora`` is ASPL with the LoRA surrogate. Ratios are
+same in fp32); ``aspl-lora`` (and ``simac-lora``, ``cap-aspl-lora``, any
+iterative defense's name with ``-lora``) is that defense with the LoRA surrogate. Ratios are
 against ``aspl-deepcopy`` in the same run. Rows of the full-weight defenses repeat per
 memory plan (``--memory plain lean``: ``ANTIPERS_MEMORY`` in the child), and a large
 model's ASPL row prints where its peak's bytes go.
@@ -174,8 +175,9 @@ def run_one(model: str, name: str, args: argparse.Namespace) -> dict:
         defense = DEFENSES.build(name, {**steps, **classes})
     elif name == "apdm":  # the protocol's 20 inner steps
         defense = DEFENSES.build(name, {"iterations": iterations, **classes})
-    elif name == "aspl-lora":
-        defense = DEFENSES.build("aspl", {"iterations": iterations, "surrogate": "lora", **common})
+    elif name.endswith("-lora") and name.removesuffix("-lora") in FULL_WEIGHT:
+        settings = {"iterations": iterations, "surrogate": "lora", **common}
+        defense = DEFENSES.build(name.removesuffix("-lora"), settings)
     else:
         defense = DEFENSES.build(name, {"iterations": iterations, **common})
     stamps = Stamps()
