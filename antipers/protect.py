@@ -30,6 +30,7 @@ from antipers.errors import UserError
 from antipers.images import read_image, to_uint8, write_png
 from antipers.metrics.budget import linf_255, psnr, ssim
 from antipers.registry import BASE_MODELS, DEFENSES
+from antipers.run_context import load_base_model
 from antipers.samples import AMPLIFY
 from antipers.spec import ComponentSpec
 
@@ -130,7 +131,7 @@ def protect_folder(
         set_C=clean[:0],
         sources={"set_B": tuple(map(str, p.photos))},
     )
-    bundle = p.base_model.build(BASE_MODELS).load(device)
+    bundle = load_base_model(p.base_model, device)  # fingerprinted: class images cached
     log.info("protecting %d photos with %s on %s", len(p.photos), p.defense.name, bundle.name)
     defense = p.defense.build(DEFENSES)
     protected = defense.protect(person, bundle, torch.Generator().manual_seed(seed)).images.cpu()

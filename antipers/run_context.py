@@ -22,6 +22,22 @@ from antipers.spec import ComponentSpec, ExperimentSpec, canonical_json
 STAGES = ("load", "protect", "countermeasure", "personalize", "sample", "score")
 
 
+def load_base_model(spec: ComponentSpec, device: torch.device) -> DiffusionBundle:
+    """The base model with its fingerprint (what its weights are, and where and how
+    they run), which keys the class images cached from it: without one they are
+    generated again at every run."""
+    bundle = spec.build(BASE_MODELS).load(device)
+    bundle.fingerprint = canonical_json(
+        {
+            "model": spec.to_dict(),
+            "source": bundle.source,  # a local folder's path and weights' mtime
+            "device": device.type,
+            "bf16": bundle.mixed_precision and device.type == "cuda",
+        }
+    )
+    return bundle
+
+
 @dataclass
 class RunContext:
     """Resident state of one worker: base models and datasets, built once per spec.
@@ -39,16 +55,7 @@ class RunContext:
 
     def base_model(self, spec: ComponentSpec) -> DiffusionBundle:
         if spec not in self._bundles:
-            bundle = spec.build(BASE_MODELS).load(self.device)
-            bundle.fingerprint = canonical_json(
-                {
-                    "model": spec.to_dict(),
-                    "source": bundle.source,  # a local folder's path and weights' mtime
-                    "device": self.device.type,
-                    "bf16": bundle.mixed_precision and self.device.type == "cuda",
-                }
-            )
-            self._bundles[spec] = bundle
+            self._bundles[spec] = load_base_model(spec, self.device)
         return self._bundles[spec]
 
     def dataset(self, spec: ComponentSpec) -> Any:

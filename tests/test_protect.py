@@ -61,6 +61,30 @@ def test_protect_end_to_end(photos, tmp_path, capsys):
     assert "L-inf" in capsys.readouterr().out
 
 
+def test_a_second_protect_reads_its_class_images_from_the_cache(photos, tmp_path, monkeypatch):
+    """``antipers protect`` fingerprints its base model as a campaign does, so the class
+    images it made are read back next time, not generated again (at SD scale that is
+    hundreds of sampler runs per call)."""
+    from antipers.attacks import class_images
+
+    made = []
+    real = class_images.generate
+
+    def counting(bundle, prompt, count, *args, **kwargs):
+        made.append(count)
+        return real(bundle, prompt, count, *args, **kwargs)
+
+    monkeypatch.setattr(class_images, "generate", counting)
+    monkeypatch.setenv("ANTIPERS_CACHE_DIR", str(tmp_path / "cache"))  # none made yet
+    assert run(photos, tmp_path / "first") == 0
+    assert made == [2]
+    assert run(photos, tmp_path / "second") == 0
+    assert made == [2]  # read from the cache
+    first = read_images(sorted((tmp_path / "first").glob("photo*.png")), 32)
+    second = read_images(sorted((tmp_path / "second").glob("photo*.png")), 32)
+    assert torch.equal(first, second)
+
+
 def test_protect_keeps_each_photos_size_within_budget(tmp_path):
     """A 80x48 and a 64x64 photo protected at 32 px come back at their own sizes, every
     pixel within 8/255 of the original, the perturbation spread over the whole photo."""
