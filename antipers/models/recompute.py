@@ -43,7 +43,7 @@ def _own_checkpointing(module: Any, on: bool) -> None:
 def encoder_checkpointed(vae: Any, on: bool = True) -> Iterator[None]:
     """The VAE encoder recomputed layer by layer (each resnet, attention, downsampler
     and the middle block), finer than diffusers' block by block: recomputing a whole
-    full-resolution block in backward holds all its activations at once (0.76 GiB
+    full-resolution block in backward holds all its activations at once (0.67 GiB
     more for one 512 px photo through SD's VAE). A VAE of another layout falls back
     to its own checkpointing. The numbers are the same either way."""
     layers = _encoder_layers(vae) if on else None
