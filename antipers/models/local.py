@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -45,19 +45,30 @@ def check_folder(path: Path, label: str) -> None:
         )
 
 
-def load_diffusers_folder(path: Path, label: str, device: torch.device) -> DiffusionBundle:
+def folder_classes() -> dict[str, Any]:
+    """What each subfolder of a diffusers folder loads into. Importing them is most of a
+    command's start-up (diffusers resolves them lazily, pulling in its whole model zoo)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    return {
+        "vae": AutoencoderKL,
+        "unet": UNet2DConditionModel,
+        "text_encoder": CLIPTextModel,
+        "tokenizer": CLIPTokenizer,
+        "scheduler": DDPMScheduler,
+    }
+
+
+def load_diffusers_folder(path: Path, label: str, device: torch.device) -> DiffusionBundle:
     check_folder(path, label)
-    kw = {"local_files_only": True}
+    parts = {
+        sub: cls.from_pretrained(path, subfolder=sub, local_files_only=True)
+        for sub, cls in folder_classes().items()
+    }
     bundle = DiffusionBundle(
         name=label,
-        vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **kw),
-        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw),
-        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
-        tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
-        scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
+        **parts,
         source=f"{path.resolve()}@{max(p.stat().st_mtime for p in (path / 'unet').iterdir())}",
     )
     return bundle.frozen().to(device)
