@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import ctypes
 import os
 import sys
 import threading
@@ -261,8 +262,9 @@ def _import_model_stack() -> None:
 
 def main(argv: Sequence[str] | None = None, *, fast_start: bool = False) -> int:
     """``fast_start`` (the console script's): a command that loads models imports them
-    first with the collector paused (``_import_model_stack``); a test's process is left
-    as it is."""
+    first with the collector paused (``_import_model_stack``), so a mistake in its
+    arguments that only the command finds is reported after the imports; a test's
+    process is left as it is."""
     import logging
 
     args = build_parser().parse_args(argv)
@@ -299,29 +301,49 @@ def main(argv: Sequence[str] | None = None, *, fast_start: bool = False) -> int:
         return 2
 
 
-def run() -> NoReturn:
+def _needs_normal_exit() -> bool:
+    """A thread that is not a daemon still runs (Python's exit waits for it), a profiler
+    writes its results after the command returns, or the user asked."""
+    others = (t for t in threading.enumerate() if t is not threading.main_thread())
+    return (
+        any(t.is_alive() and not t.daemon for t in others)
+        or sys.getprofile() is not None
+        or os.environ.get("ANTIPERS_NORMAL_EXIT", "") not in ("", "0")
+    )
+
+
+def _flush_everything(code: int) -> int:
+    """Python's streams, then C's (a native library's output buffered in stdio); a
+    stream that cannot take its last bytes fails a successful exit, as CPython's own
+    exit does (status 120)."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # started with the descriptor closed
+            continue
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            code = code or 120
+    with contextlib.suppress(OSError, AttributeError):  # no C library to name (Windows)
+        ctypes.CDLL(None).fflush(None)
+    return code
+
+
+def console_main() -> NoReturn:
     """The console script: ``main``, then an exit that skips the interpreter's teardown.
 
     Tearing down the modules torch, diffusers and transformers import takes about 1.5 s
     on 2 CPU cores, at every command, after its work is written (measured on a
     ``protect`` of 38 s). What must happen at exit still does: the ``atexit`` handlers
-    (``ray.shutdown``, temporary folders' finalizers, logging's flush) run, and the
-    streams are flushed. Where a thread that is not a daemon still runs, Python's own
-    exit waits for it, so that case takes the normal path.
+    (``ray.shutdown``, temporary folders' finalizers, logging's flush) run, once (running
+    them clears them), and the streams are flushed. ``_needs_normal_exit`` lists when
+    Python's own exit is taken instead (``ANTIPERS_NORMAL_EXIT=1`` forces it).
     """
     code = main(fast_start=True)
-    if any(
-        t.is_alive() and not t.daemon
-        for t in threading.enumerate()
-        if t is not threading.main_thread()
-    ):
+    if _needs_normal_exit():
         sys.exit(code)
     atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing goes out
-            stream.flush()
-    os._exit(code)
+    os._exit(_flush_everything(code))
 
 
 if __name__ == "__main__":
-    run()
+    console_main()

@@ -10,8 +10,8 @@ images made with 2 sampler steps). ``aspl-deepcopy`` is ASPL as the reference co
 runs it (``DeepCopyASPL``: a fresh deep copy of the UNet and text encoder every
 iteration, the VAE at every surrogate step, every weight gradient at every PGD step,
 torch's AdamW, bf16 weights as the reference casts them; ``aspl-deepcopy-fp32``: the
-same in fp32); ``aspl-lora`` (and ``simac-lora``, ``cap-aspl-lora``, any
-iterative defense's name with ``-lora``) is that defense with the LoRA surrogate. Ratios are
+same in fp32); ``aspl-lora`` (and ``simac-lora``, ``fsmg-lora``, any surrogate
+defense's name with ``-lora``) is that defense with the LoRA surrogate. Ratios are
 against ``aspl-deepcopy`` in the same run. Rows of the full-weight defenses repeat per
 memory plan (``--memory plain lean``: ``ANTIPERS_MEMORY`` in the child), and a large
 model's ASPL row prints where its peak's bytes go.
@@ -51,6 +51,7 @@ ITERATIVE = ("aspl", "simac", "cap-aspl", "cap-simac", "aspl-deepcopy", "aspl-de
 FULL_WEIGHT = ("aspl", "simac", "cap-aspl", "cap-simac")  # rows per memory plan
 ONE_SHOT = ("fsmg", "cap-fsmg")
 MODEL_TRACK = ("apdm",)
+SURROGATE = (*FULL_WEIGHT, *ONE_SHOT)  # the defenses with a surrogate a LoRA can replace
 PROTOCOL_ITERATIONS, PROTOCOL_FINETUNE, PROTOCOL_PGD = 50, 1000, 100
 PROTOCOL_APDM = 800
 
@@ -166,20 +167,20 @@ def run_one(model: str, name: str, args: argparse.Namespace) -> dict:
     common = dict(classes)
     if args.short:
         common |= {"surrogate_steps": 1, "pgd_steps": 1}
+    # "<defense>-lora": that defense with the LoRA surrogate
+    base = name.removesuffix("-lora") if name.removesuffix("-lora") in SURROGATE else name
+    lora = {"surrogate": "lora"} if base != name else {}
     if name.startswith("aspl-deepcopy"):
         plain_adamw()  # the reference's optimizer
         dtype = "fp32" if name.endswith("fp32") else "bf16"
         defense = DeepCopyASPL(iterations=iterations, dtype=dtype, **common)
-    elif name in ONE_SHOT:
+    elif base in ONE_SHOT:
         steps = {"finetune_steps": iterations, "pgd_steps": iterations}
-        defense = DEFENSES.build(name, {**steps, **classes})
+        defense = DEFENSES.build(base, {**steps, **classes, **lora})
     elif name == "apdm":  # the protocol's 20 inner steps
         defense = DEFENSES.build(name, {"iterations": iterations, **classes})
-    elif name.endswith("-lora") and name.removesuffix("-lora") in FULL_WEIGHT:
-        settings = {"iterations": iterations, "surrogate": "lora", **common}
-        defense = DEFENSES.build(name.removesuffix("-lora"), settings)
     else:
-        defense = DEFENSES.build(name, {"iterations": iterations, **common})
+        defense = DEFENSES.build(base, {"iterations": iterations, **common, **lora})
     stamps = Stamps()
     logger = logging.getLogger("antipers.defenses")
     logger.setLevel(logging.INFO)
@@ -190,7 +191,7 @@ def run_one(model: str, name: str, args: argparse.Namespace) -> dict:
     defense.protect(person, bundle, torch.Generator().manual_seed(0))
     total = time.perf_counter() - t0
     marks = [t for t, msg in stamps.times if "iteration" in msg] or [t for t, _ in stamps.times]
-    if name in ONE_SHOT:  # one mark: fine-tuning done, then PGD until the end
+    if base in ONE_SHOT:  # one mark: fine-tuning done, then PGD until the end
         mark = stamps.times[0][0]
         finetune, pgd = mark - t0, t0 + total - mark
         per = setup = total / iterations

@@ -1,7 +1,8 @@
-"""The console script's fast exit keeps what a normal exit guarantees: the exit code,
-every byte written to a pipe, the ``atexit`` handlers (``ray.shutdown`` is one), and a
-running non-daemon thread's work."""
+"""The console script skips the interpreter's teardown and keeps what a normal exit
+guarantees: the exit code, every byte written to a pipe, the ``atexit`` handlers
+(``ray.shutdown`` is one), and a running non-daemon thread's work."""
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -13,15 +14,35 @@ REPO = Path(__file__).resolve().parents[1]
 HEADER = "import atexit, sys, threading, time\nfrom antipers import cli\n"
 
 
-def _run(setup: str, *argv: str) -> subprocess.CompletedProcess[str]:
-    """``antipers *argv`` through ``cli.run`` after ``setup``, with stdout a real pipe."""
-    code = (
-        HEADER + textwrap.dedent(setup) + f"\nsys.argv = ['antipers', *{list(argv)!r}]\ncli.run()\n"
-    )
+def _run(setup: str, *argv: str, **env_over: str) -> subprocess.CompletedProcess[str]:
+    """``antipers *argv`` through the console script after ``setup``, stdout a real pipe."""
+    call = f"\nsys.argv = ['antipers', *{list(argv)!r}]\ncli.console_main()\n"
+    code = HEADER + textwrap.dedent(setup) + call
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # block-buffered
+    env.update(env_over)
     return subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
     )
+
+
+def test_the_installed_command_is_the_console_script():
+    scripts = importlib.metadata.entry_points(group="console_scripts")
+    assert scripts["antipers"].value == "antipers.cli:console_main"
+
+
+TEARDOWN = """
+class Teardown:
+    def __del__(self):
+        print("teardown ran")
+keep = Teardown()
+"""
+
+
+def test_the_teardown_is_skipped_unless_asked_for():
+    assert "teardown ran" not in _run(TEARDOWN, "list", "defenses").stdout
+    forced = _run(TEARDOWN, "list", "defenses", ANTIPERS_NORMAL_EXIT="1")
+    assert forced.returncode == 0
+    assert "teardown ran" in forced.stdout
 
 
 def test_output_exit_code_and_atexit_handlers_survive():
@@ -32,8 +53,7 @@ def test_output_exit_code_and_atexit_handlers_survive():
 
 
 def test_a_user_error_keeps_its_exit_code():
-    out = _run("", "protect", "/no/such/folder", "/tmp/unused", "--defense", "aspl",
-               "--base-model", "tiny")  # fmt: skip
+    out = _run("", "score", "/no/such/folder", "--references", "/no/such/either")
     assert out.returncode == 2
     assert out.stderr.startswith("error:")
 
