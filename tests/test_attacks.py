@@ -93,6 +93,60 @@ def test_gradient_checkpointing_changes_memory_not_results(tiny_bundle, photos):
     assert not tiny_bundle.unet.is_gradient_checkpointing  # restored
 
 
+def test_a_step_split_into_passes_trains_as_one_pass(tiny_bundle, photos):
+    whole = _train_losses(tiny_bundle, photos)
+    split = _train_losses(tiny_bundle, photos, step_images=1)  # batch 2: two passes a step
+    assert whole == pytest.approx(split, rel=1e-5)
+
+
+@pytest.mark.parametrize("step_images", [1, 2, 3])
+def test_a_split_step_has_the_whole_steps_loss_and_gradient(
+    tiny_bundle, photos, step_images, monkeypatch
+):
+    """The memory plan's ``step_images``: part by part, then piece by piece, each pass
+    weighted by its share of its part's mean. Same draws, same loss and gradients as
+    one pass, to float rounding (the sums run in another order: 1e-5 relative)."""
+    from antipers.attacks import training
+
+    bundle = tiny_bundle.copy_of("unet", "text_encoder")
+    bundle.unet.requires_grad_(True)
+    bundle.text_encoder.requires_grad_(True)
+    params = [*bundle.unet.parameters(), *bundle.text_encoder.parameters()]
+    posterior = bundle.posterior(photos)
+    with torch.no_grad():
+        classes = bundle.posterior(photos.flip(-1))
+    passes: list[int] = []
+    real = training._chunked_loss
+
+    def spy(bundle, chunks, *args):
+        passes.append(sum(len(c.latents) for c in chunks))
+        return real(bundle, chunks, *args)
+
+    monkeypatch.setattr(training, "_chunked_loss", spy)
+
+    def step(limit):
+        for p in params:
+            p.grad = None
+        gen = torch.Generator().manual_seed(3)
+        chunks = [
+            training._draw(bundle, posterior[:2], PROMPT, gen),
+            training._draw(bundle, classes[:3], "a person", gen),
+        ]
+        embeds = training._Embeds(bundle, True)
+        value = training._backward(bundle, chunks, embeds, 0.7, 2, limit)
+        return value, [None if p.grad is None else p.grad.clone() for p in params]
+
+    whole_value, whole = step(None)
+    assert passes == [5]
+    passes.clear()
+    split_value, split = step(step_images)
+    assert len(passes) > 1 and max(passes) <= step_images and sum(passes) == 5
+    assert split_value == pytest.approx(whole_value, rel=1e-5)
+    assert sum(g is not None for g in whole) > len(list(bundle.unet.parameters()))
+    for a, b in zip(whole, split, strict=True):
+        assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
 def test_a_posterior_encoded_once_draws_what_encoding_each_step_draws(tiny_bundle, photos):
     """finetune encodes each photo once and samples its posterior per step: the draws
     must be the ones per-step encoding gives (same generator, same numbers), chunked or

@@ -69,14 +69,14 @@ def test_plan_chooses_by_size_device_and_environment(monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     monkeypatch.delenv("ANTIPERS_MEMORY", raising=False)
     assert MemoryPlan.choose(cpu, LEAN_FROM - 1) == MemoryPlan("device", False)
-    assert MemoryPlan.choose(cpu, LEAN_FROM) == MemoryPlan("disk", True, 1)
+    assert MemoryPlan.choose(cpu, LEAN_FROM) == MemoryPlan("disk", True, 1, 2)
     assert MemoryPlan.choose(gpu, 10) == MemoryPlan("cpu", False)  # offload_snapshots
     assert MemoryPlan.choose(gpu, 10, offload=False) == MemoryPlan("device", False)
-    assert MemoryPlan.choose(gpu, LEAN_FROM) == MemoryPlan("cpu", True, 1)
+    assert MemoryPlan.choose(gpu, LEAN_FROM) == MemoryPlan("cpu", True, 1, 2)
     # small adapters on a large model: snapshots stay, activations are checkpointed
-    assert MemoryPlan.choose(cpu, 10, model_bytes=LEAN_FROM) == MemoryPlan("device", True, 1)
+    assert MemoryPlan.choose(cpu, 10, model_bytes=LEAN_FROM) == MemoryPlan("device", True, 1, 2)
     monkeypatch.setenv("ANTIPERS_MEMORY", "lean")
-    assert MemoryPlan.choose(cpu, 10) == MemoryPlan("disk", True, 1)
+    assert MemoryPlan.choose(cpu, 10) == MemoryPlan("disk", True, 1, 2)
     monkeypatch.setenv("ANTIPERS_MEMORY", "plain")
     assert MemoryPlan.choose(cpu, LEAN_FROM) == MemoryPlan("device", False)
     assert MemoryPlan.choose(cpu, 10, model_bytes=LEAN_FROM) == MemoryPlan("device", False)

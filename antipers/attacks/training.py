@@ -35,6 +35,8 @@ class TrainConfig:
     weight_decay: float = 1e-2
     gradient_checkpointing: bool = False
     prior_weight: float = 0.0
+    # images one UNet pass holds (None: a step's instance and class images in one pass)
+    step_images: int | None = None
 
 
 @dataclass
@@ -138,6 +140,37 @@ def _chunked_loss(
     return losses[0] + prior_weight * losses[1] if len(losses) > 1 else losses[0]
 
 
+def _backward(
+    bundle: DiffusionBundle,
+    chunks: list[_Chunk],
+    embeds: _Embeds,
+    prior_weight: float,
+    grad_accum: int,
+    step_images: int | None,
+) -> float:
+    """Back-propagate one micro-batch's loss (divided by ``grad_accum``); its value.
+
+    Within ``step_images`` images, one pass (``_chunked_loss``). Beyond, each part
+    (instance photos, class images) and each piece of a part takes its own pass and
+    backward, weighted by its share of the part's mean: the same gradient summed in
+    another order (equal up to float rounding), with one piece's activations held at a
+    time. The draws are made before, so they do not depend on the split."""
+    if step_images is None or sum(len(c.latents) for c in chunks) <= step_images:
+        loss = _chunked_loss(bundle, chunks, embeds, prior_weight)
+        (loss / grad_accum).backward()
+        return float(loss.detach())
+    value = 0.0
+    for part, weight in zip(chunks, (1.0, prior_weight), strict=False):
+        n = len(part.latents)
+        for start in range(0, n, step_images):
+            piece = _Chunk(*(x[start : start + step_images] for x in part[:3]), part.prompt)
+            share = weight * len(piece.latents) / n
+            loss = _chunked_loss(bundle, [piece], embeds, 0.0) * share
+            (loss / grad_accum).backward()
+            value += float(loss.detach())
+    return value
+
+
 def finetune(
     bundle: DiffusionBundle,
     data: TrainData,
@@ -199,9 +232,15 @@ def finetune(
                 if class_batches is not None:
                     class_set = class_posterior[next(class_batches)]
                     chunks.append(_draw(bundle, class_set, data.class_prompt, generator))
-                loss = _chunked_loss(bundle, chunks, embeds, config.prior_weight)
-                (loss / config.grad_accum).backward()
-                total += float(loss.detach()) / config.grad_accum
+                value = _backward(
+                    bundle,
+                    chunks,
+                    embeds,
+                    config.prior_weight,
+                    config.grad_accum,
+                    config.step_images,
+                )
+                total += value / config.grad_accum
             try:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm, foreach=True)
                 optimizer.step()

@@ -44,11 +44,15 @@ LEAN_FROM = 1 << 30  # bytes of trainable weights: SD's UNet is 3.5 GB, mini-fac
 class MemoryPlan:
     """``pgd_chunk``: photos whose PGD graph is held at once (None: the whole set). At
     SD scale and 512 px the VAE encoder's activations of 4 photos outweigh everything
-    else in PGD; one photo at a time takes a quarter, for the same gradient."""
+    else in PGD; one photo at a time takes a quarter, for the same gradient.
+    ``step_images``: images one surrogate step's UNet pass holds (None: the whole step).
+    Two keeps ASPL's step (a photo and a class image) one pass, as the reference
+    batches it, and splits FSMG's (two of each) part by part."""
 
     snapshots: Place = "device"
     checkpointing: bool = False
     pgd_chunk: int | None = None
+    step_images: int | None = None
 
     @classmethod
     def choose(
@@ -76,7 +80,9 @@ class MemoryPlan:
             snapshots = "cpu" if on_gpu and offload else "device"
         # the model holds the weights that train, so this is on whenever snapshots leave
         checkpointing = mode == "lean" or (mode == "auto" and model_bytes >= LEAN_FROM)
-        return cls(snapshots, checkpointing, 1 if checkpointing else None)
+        if not checkpointing:
+            return cls(snapshots, checkpointing)
+        return cls(snapshots, checkpointing, pgd_chunk=1, step_images=2)
 
 
 def parameter_bytes(params: Mapping[str, torch.Tensor]) -> int:

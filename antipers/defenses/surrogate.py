@@ -204,6 +204,7 @@ class Surrogate:
             batch_size=batch,
             prior_weight=prior_weight,
             gradient_checkpointing=config.gradient_checkpointing or self.plan.checkpointing,
+            step_images=self.plan.step_images,
         )
         data = TrainData(images.detach(), self.prompt, posterior=posterior)
         if self.prior is not None:
