@@ -323,7 +323,8 @@ def _flush_everything(code: int) -> int:
             stream.flush()
         except (OSError, ValueError):
             code = code or 120
-    with contextlib.suppress(OSError, AttributeError):  # no C library to name (Windows)
+    # Windows: CDLL(None) names no C library (TypeError)
+    with contextlib.suppress(OSError, AttributeError, TypeError):
         ctypes.CDLL(None).fflush(None)
     return code
 

@@ -4,12 +4,13 @@ defenses (APDM's DPO, PersGuard's backdoor) work through.
 The attacker fine-tunes the base model on one person's photos (set_B); the attacked
 model's denoising loss (``robustness.diffusion_loss``: fixed noise and timesteps) is
 then measured on every person's held-out photos (set_A). The drop from the base
-model's loss on the person themself is what personalization learned; the drop on the
-other people of the gallery is what it learned about faces in general. A defense that
-makes "this person" fail and keeps "anyone else" working needs the first to be well
-above the second: the ratio and the difference, with bootstrap intervals over people,
-say how much room a base model leaves it. Beside them, the base model's loss on its
-own generated class images (APDM's preferred side, 16 of 20 sampling steps as
+model's loss on the person themself is what personalization learned; the change on
+the other people of the gallery is what it did to faces in general (a drop: it learned
+"a face"; a rise: the instance prompt now means this person, and the model drifted).
+A defense that makes "this person" fail and keeps "anyone else" working needs the first
+well apart from the second: their difference, with bootstrap intervals over people,
+says how much room a base model leaves it. Beside them, the base model's loss on its
+own generated class images (APDM's preferred side: 16 images of 20 sampling steps, as
 ``validity-model.yaml`` makes them) against the people's photos (its dispreferred side).
 
     python benchmarks/specificity.py                        # mini-faces, 8 people
@@ -69,8 +70,8 @@ def loss_matrix(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, list[
 
 
 def summary(base: np.ndarray, attacked: np.ndarray) -> dict[str, list[float]]:
-    """Per attacked person: the drop on themself, the mean drop on the others, their
-    difference and ratio; each as [mean, low, high] over people."""
+    """Per attacked person: the drop on themself, the mean drop on the others and
+    their difference; each as [mean, low, high] over people."""
     drop = base[None, :] - attacked
     n = len(base)
     own = np.diag(drop)
@@ -81,7 +82,6 @@ def summary(base: np.ndarray, attacked: np.ndarray) -> dict[str, list[float]]:
         "own_drop": own,
         "others_drop": others,
         "specific_drop": own - others,
-        "own_over_others": own / others,
     }.items():
         low, high = mean_interval(values, rules)
         out[key] = [float(values.mean()), low, high]

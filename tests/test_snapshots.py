@@ -1,6 +1,8 @@
 """The memory plan: snapshots restore exactly wherever they live, and the lean plan
-(disk snapshots, gradient checkpointing, set_A encoded once) protects photos bit for
-bit as the plain plan does."""
+(disk snapshots, gradient checkpointing, set_A encoded once, PGD in chunks) protects
+photos bit for bit as the plain plan does where a surrogate step holds two images (ASPL,
+SimAC, CAP); FSMG's larger step is split (tested here to reach training, and in
+test_attacks.py for its gradient)."""
 
 import glob
 import os
@@ -133,6 +135,31 @@ def test_lean_plan_protects_bitwise_as_the_plain_plan(
     after = tiny_bundle.unet.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the base came back
     assert not glob.glob(str(tmp_path / "antipers-snapshot-*"))
+
+
+def test_the_lean_plan_splits_fsmgs_surrogate_step(person, tiny_bundle, monkeypatch, tmp_path):
+    """FSMG trains its surrogate at batch 2 (two photos, two class images): one pass of
+    four under the plain plan, passes of at most two under the lean plan."""
+    from antipers.attacks import training
+
+    passes: list[int] = []
+    real = training._chunked_loss
+
+    def spy(bundle, chunks, *args):
+        passes.append(sum(len(c.latents) for c in chunks))
+        return real(bundle, chunks, *args)
+
+    monkeypatch.setattr(training, "_chunked_loss", spy)
+    monkeypatch.setenv("ANTIPERS_SCRATCH", str(tmp_path))
+    settings = {"finetune_steps": 2, "pgd_steps": 1, "num_class_images": 2, "class_steps": 2}
+    seen = {}
+    for mode in ("plain", "lean"):
+        monkeypatch.setenv("ANTIPERS_MEMORY", mode)
+        passes.clear()
+        DEFENSES.build("fsmg", settings).protect(person, tiny_bundle, torch.Generator())
+        seen[mode] = list(passes)
+    assert seen["plain"] == [4, 4]
+    assert seen["lean"] == [2, 2, 2, 2]
 
 
 def test_aspl_encodes_its_clean_photos_once_per_identity(person, tiny_bundle, monkeypatch):

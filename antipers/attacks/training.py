@@ -159,7 +159,11 @@ def _backward(
         loss = _chunked_loss(bundle, chunks, embeds, prior_weight)
         (loss / grad_accum).backward()
         return float(loss.detach())
-    value = 0.0
+    if step_images < 1:
+        raise ValueError(f"step_images: at least 1 image per UNet pass, got {step_images}")
+    if len(chunks) > 2:  # the weights below are the instance part's and the class part's
+        raise ValueError(f"a step has an instance and a class part, got {len(chunks)}")
+    value = torch.zeros((), device=bundle.device)  # summed on the device: one sync
     for part, weight in zip(chunks, (1.0, prior_weight), strict=False):
         n = len(part.latents)
         for start in range(0, n, step_images):
@@ -167,8 +171,8 @@ def _backward(
             share = weight * len(piece.latents) / n
             loss = _chunked_loss(bundle, [piece], embeds, 0.0) * share
             (loss / grad_accum).backward()
-            value += float(loss.detach())
-    return value
+            value += loss.detach()
+    return float(value)
 
 
 def finetune(

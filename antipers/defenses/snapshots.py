@@ -9,10 +9,12 @@ encoder is 4.8 GB in float32, and ASPL holds two (the base model's, the iteratio
 costs no memory at all (the CPU default at that scale). Every place restores exactly.
 
 The plan does not change the algorithm, only where numbers live and how work is
-split (tested: on ``tiny`` the lean plan's protected photos equal the plain plan's
-bitwise). Snapshots and checkpointing recompute and store the same numbers exactly;
-PGD one photo at a time sums the same gradient in another order, equal to float
-rounding, so on other kernels (a GPU) a rare pixel may differ by one level. That is
+split (tested: on ``tiny`` the lean plan's ASPL, SimAC and CAP photos equal the plain
+plan's bitwise). Snapshots and checkpointing recompute and store the same numbers
+exactly; PGD one photo at a time, and a surrogate step of more than two images (FSMG's)
+in two passes, sum the same gradient in another order, equal to float rounding, so on
+other kernels (a GPU) a rare pixel may differ by one level, and FSMG's photos in the
+last bits. That is
 why it is a property of the run, not of the spec:
 ``ANTIPERS_MEMORY=plain|lean|auto`` (auto: lean once the trainable weights pass
 ``LEAN_FROM`` bytes). Lean also turns on gradient checkpointing in the surrogate's
