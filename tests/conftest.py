@@ -43,6 +43,22 @@ def sample_dir() -> Path:
     return SAMPLE
 
 
+@pytest.fixture
+def unet_passes(monkeypatch):
+    """Images in each training pass (``training._chunked_loss``), in order."""
+    from antipers.attacks import training
+
+    passes: list[int] = []
+    real = training._chunked_loss
+
+    def spy(bundle, chunks, *args):
+        passes.append(sum(len(c.latents) for c in chunks))
+        return real(bundle, chunks, *args)
+
+    monkeypatch.setattr(training, "_chunked_loss", spy)
+    return passes
+
+
 def eval_loss(bundle, images, draws=8, seed=1234, prompt="a photo of sks person"):
     """The denoising loss on ``images`` averaged over fixed noise and timesteps."""
     gen = torch.Generator().manual_seed(seed)

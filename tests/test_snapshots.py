@@ -137,27 +137,19 @@ def test_lean_plan_protects_bitwise_as_the_plain_plan(
     assert not glob.glob(str(tmp_path / "antipers-snapshot-*"))
 
 
-def test_the_lean_plan_splits_fsmgs_surrogate_step(person, tiny_bundle, monkeypatch, tmp_path):
+def test_the_lean_plan_splits_fsmgs_surrogate_step(
+    person, tiny_bundle, monkeypatch, tmp_path, unet_passes
+):
     """FSMG trains its surrogate at batch 2 (two photos, two class images): one pass of
     four under the plain plan, passes of at most two under the lean plan."""
-    from antipers.attacks import training
-
-    passes: list[int] = []
-    real = training._chunked_loss
-
-    def spy(bundle, chunks, *args):
-        passes.append(sum(len(c.latents) for c in chunks))
-        return real(bundle, chunks, *args)
-
-    monkeypatch.setattr(training, "_chunked_loss", spy)
     monkeypatch.setenv("ANTIPERS_SCRATCH", str(tmp_path))
     settings = {"finetune_steps": 2, "pgd_steps": 1, "num_class_images": 2, "class_steps": 2}
     seen = {}
     for mode in ("plain", "lean"):
         monkeypatch.setenv("ANTIPERS_MEMORY", mode)
-        passes.clear()
+        unet_passes.clear()
         DEFENSES.build("fsmg", settings).protect(person, tiny_bundle, torch.Generator())
-        seen[mode] = list(passes)
+        seen[mode] = list(unet_passes)
     assert seen["plain"] == [4, 4]
     assert seen["lean"] == [2, 2, 2, 2]
 
