@@ -74,6 +74,7 @@ def test_bad_campaigns_are_refused_naming_line_and_field(tmp_path, change, expec
         "demo",
         "validity",
         "validity-model",
+        "validity-apdm-budget",
         "validity-iddm",
         "validity-iddm-more",
         "validity-persguard",
@@ -97,6 +98,11 @@ def test_shipped_campaigns_load_with_the_sizes_their_headers_state(name):
         assert {(s.defense.name, s.attack.name) for s in specs} == {
             (d, a) for d in ("none", "apdm") for a in ("dreambooth", "lora")
         }
+    if name == "validity-apdm-budget":  # its undefended rows are validity-model's
+        shared = {s.spec_id for s in load_campaign(path.with_name("validity-model.yaml")).specs}
+        undefended = [s for s in specs if s.defense.name == "none"]
+        assert undefended and all(s.spec_id in shared for s in undefended)
+        assert all(s.spec_id not in shared for s in specs if s.defense.name == "apdm")
     if name == "validity-persguard-kinds":  # pattern with its control, and erasure
         backdoors = {(s.defense.name, s.defense.kwargs.get("backdoor")) for s in specs}
         assert backdoors == {("none", None), ("persguard", "pattern"), ("persguard", "erasure")}
