@@ -10,8 +10,8 @@ the other people of the gallery is what it did to faces in general (a drop: it l
 A defense that makes "this person" fail and keeps "anyone else" working needs the first
 well apart from the second: their difference, with bootstrap intervals over people,
 says how much room a base model leaves it. Beside them, the base model's loss on its
-own generated class images (APDM's preferred side: 16 images of 20 sampling steps, as
-``validity-model.yaml`` makes them) against the people's photos (its dispreferred side).
+own generated class images (APDM's preferred side) against the people's photos (its
+dispreferred side). The attacker and APDM are ``validity-model.yaml``'s, read from it.
 
     python benchmarks/specificity.py                        # mini-faces, 8 people
     python benchmarks/specificity.py --people 4 --steps 30  # quicker
@@ -20,6 +20,7 @@ own generated class images (APDM's preferred side: 16 images of 20 sampling step
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -27,15 +28,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from antipers.attacks.class_images import class_images, key_for
+import antipers
 from antipers.board_stats import mean_interval
 from antipers.boards import load_boards
+from antipers.campaign import load_campaign
 from antipers.data.synthetic import SyntheticDataset
 from antipers.device import pick_device
-from antipers.registry import ATTACKS, BASE_MODELS
+from antipers.registry import ATTACKS, BASE_MODELS, DEFENSES
 from antipers.robustness import diffusion_loss
 
 RESULTS = Path(__file__).parent / "results" / "specificity"
+CAMPAIGN = Path(antipers.__file__).parent / "campaigns" / "validity-model.yaml"
+
+
+def model_track_settings(steps: int | None, lr: float | None) -> tuple[object, object]:
+    """The model track's DreamBooth attacker (``steps``/``lr`` replaced where given) and
+    its APDM, as ``validity-model.yaml`` sets them."""
+    spec = next(
+        s
+        for s in load_campaign(CAMPAIGN).specs
+        if s.defense.name == "apdm" and s.attack.name == "dreambooth"
+    )
+    attack = ATTACKS.build(spec.attack.name, spec.attack.kwargs)
+    changes = {k: v for k, v in (("steps", steps), ("lr", lr)) if v is not None}
+    return dataclasses.replace(attack, **changes), DEFENSES.build("apdm", spec.defense.kwargs)
 
 
 def loss_matrix(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, list[str], float]:
@@ -46,14 +62,11 @@ def loss_matrix(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, list[
     dataset = SyntheticDataset(n_identities=args.people, seed=args.dataset_seed)
     names = dataset.identities()
     people = [dataset.load(name, args.resolution) for name in names]
-    attack = ATTACKS.build(
-        "dreambooth",
-        {"steps": args.steps, "lr": args.lr, "batch_size": 2, "prior_weight": 0.0,
-         "train_text_encoder": False},
-    )  # fmt: skip
+    attack, apdm = model_track_settings(args.steps, args.lr)
+    args.steps, args.lr = attack.steps, attack.lr  # recorded as run
     base = np.array([diffusion_loss(bundle, p.set_A).mean() for p in people])
-    key = key_for(bundle, "a photo of person", 16, args.resolution, 0, 20)
-    generated = float(diffusion_loss(bundle, class_images(bundle, key)[0]).mean())
+    preferred = apdm.generic_images(bundle, args.resolution)
+    generated = float(diffusion_loss(bundle, preferred).mean())
     print(
         f"base model's loss: people's photos {base.mean():.4f} (per person "
         f"{base.min():.4f}-{base.max():.4f}), its own class images {generated:.4f}"
@@ -96,9 +109,8 @@ def main() -> None:
     parser.add_argument("--people", type=int, default=8)
     parser.add_argument("--dataset-seed", type=int, default=0)
     parser.add_argument("--resolution", type=int, default=64)
-    # the validity campaigns' DreamBooth: 120 steps at lr 3e-4, batch 2, no prior
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--steps", type=int, help="attacker steps (default: the campaign's)")
+    parser.add_argument("--lr", type=float, help="attacker lr (default: the campaign's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.people < 2:
