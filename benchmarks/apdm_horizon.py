@@ -27,7 +27,9 @@ import numpy as np
 import torch
 
 import antipers
+from antipers.attacks.personalize import Personalization
 from antipers.campaign import load_campaign
+from antipers.data.identity import IdentitySet
 from antipers.device import pick_device
 from antipers.models.bundle import DiffusionBundle
 from antipers.registry import ATTACKS, BASE_MODELS, DATASETS, DEFENSES
@@ -37,7 +39,9 @@ RESULTS = Path(__file__).parent / "results" / "apdm-horizon"
 CAMPAIGNS = Path(antipers.__file__).parent / "campaigns"
 
 
-def loss_curve(attack, person, bundle: DiffusionBundle, at: list[int], seed: int) -> list[float]:  # type: ignore[no-untyped-def]
+def loss_curve(
+    attack: Personalization, person: IdentitySet, bundle: DiffusionBundle, at: list[int], seed: int
+) -> list[float]:
     """The attacked model's mean diffusion loss on ``person``'s set_A after each step
     count in ``at`` (0: before the attack), from one attack of ``max(at)`` steps."""
     curve = {0: float(diffusion_loss(bundle, person.set_A).mean())} if 0 in at else {}
@@ -71,7 +75,9 @@ def main() -> None:
     if sorted(set(args.at)) != args.at or args.at[0] < 0:
         parser.error(f"--at: increasing step counts from 0 up, got {args.at}")
     specs = load_campaign(args.campaign).specs
-    spec = next(s for s in specs if s.defense.name == "apdm")
+    spec = next((s for s in specs if s.defense.name == "apdm"), None)
+    if spec is None:
+        parser.error(f"--campaign: {args.campaign} has no apdm experiment")
     names = list(dict.fromkeys(s.identity for s in specs))
     if len(names) < args.people + 1:
         parser.error(f"--people: the campaign has {len(names)} people, {args.people} + 1 needed")

@@ -242,13 +242,15 @@ def test_on_mini_faces_the_attack_it_simulates_fails_on_the_person_alone():
     mechanism, not protection against the evaluation's attacker.
 
     Like is compared with like: the generic images are never attacked, so they are
-    compared before the attack (after it they move +0.025 against the person's +0.039).
-    Tolerances from the run's own noise: the attack is repeated with 3 seeds; the
-    person's gain over the base model must exceed the spread of the base model's loss
-    across those seeds at every seed, and the paired person-minus-bystander gain must
-    have its 95% t-interval over the seeds above 0. "Much less" means under half the
-    person's gain (measured on this CPU, before the attack: person +0.087, bystander
-    +0.020, generic +0.025; after: person +0.039, bystander +0.007)."""
+    compared before the attack (their +0.025 against the attacked person's +0.039 would
+    not pass). The attack's noise sets the tolerances after it: the attack is repeated
+    with 3 seeds (APDM runs once, seed 0); the person's gain over the base model must
+    exceed the spread of the base model's loss across those seeds at every seed, and the
+    paired person-minus-bystander gain must have its 95% t-interval over the seeds above
+    0. "Much less" is a fixed definition, not a noise bound: under half the person's
+    gain (measured on 2 CPU cores, 2026-12-07, before the attack: person +0.087,
+    bystander +0.020, generic +0.025; after: person +0.039, bystander +0.007; with beta 0,
+    prior preservation alone, +0.033, +0.021 and +0.022, and the test fails)."""
     import dataclasses
     from pathlib import Path
 
@@ -263,9 +265,9 @@ def test_on_mini_faces_the_attack_it_simulates_fails_on_the_person_alone():
     attack = ATTACKS.build(spec.attack.name, spec.attack.kwargs)
     assert attack.lr == apdm.inner_lr  # the attack it simulates is the campaign's, cut short
     attack = dataclasses.replace(attack, steps=apdm.inner_steps)
-    base = BASE_MODELS.build("mini-faces").load(torch.device("cpu"))
+    base = BASE_MODELS.build(spec.base_model.name, spec.base_model.kwargs).load(torch.device("cpu"))
     people = DATASETS.build(spec.dataset.name, spec.dataset.kwargs)
-    person, bystander = (people.load(n, spec.resolution) for n in ("synth-0000", "synth-0001"))
+    person, bystander = (people.load(n, spec.resolution) for n in people.identities()[:2])
     protected = apdm.protect(person, base, torch.Generator().manual_seed(0)).bundle
 
     def loss(model, who):
@@ -284,7 +286,7 @@ def test_on_mini_faces_the_attack_it_simulates_fails_on_the_person_alone():
         for who, p in (("person", person), ("bystander", bystander))
     }
     unattacked["generic"] = generic_loss(
-        protected, base, held_out_images(base, attack, 64)
+        protected, base, held_out_images(base, attack, spec.resolution)
     ).aggregate
     for other in ("bystander", "generic"):
         assert abs(unattacked[other]) < unattacked["person"] / 2, unattacked
