@@ -9,10 +9,12 @@ closes as the attack goes on; if it is not there at all, the gap is near zero fr
 the first step. The same curves for a bystander (the next person of the gallery,
 attacked on their own photos) say what the protection costs everyone else. The
 attacker, APDM and the people are the campaign file's; ``--inner-steps`` and
-``--iterations`` replace APDM's where given.
+``--iterations`` replace APDM's where given, ``--attack-lr`` the attacker's lr and
+APDM's simulated one's with it (a slower attacker, given more steps with ``--at``).
 
     python benchmarks/apdm_horizon.py                    # validity-apdm-budget.yaml
     python benchmarks/apdm_horizon.py --inner-steps 16   # a longer simulated attack
+    python benchmarks/apdm_horizon.py --attack-lr 1e-4 --at 0 4 16 64 120 240 360
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ def main() -> None:
     parser.add_argument("--people", type=int, default=2, help="protected people (in turn)")
     parser.add_argument("--inner-steps", type=int, help="APDM's simulated attack's steps")
     parser.add_argument("--iterations", type=int, help="APDM's iterations")
+    parser.add_argument("--attack-lr", type=float, help="the attacker's lr and APDM's inner_lr")
     parser.add_argument("--at", type=int, nargs="+", default=[0, 4, 8, 16, 32, 64, 120])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -74,6 +77,8 @@ def main() -> None:
         parser.error("--people: at least 1")
     if sorted(set(args.at)) != args.at or args.at[0] < 0:
         parser.error(f"--at: increasing step counts from 0 up, got {args.at}")
+    if args.attack_lr is not None and args.attack_lr <= 0:
+        parser.error(f"--attack-lr: expected > 0, got {args.attack_lr}")
     specs = load_campaign(args.campaign).specs
     spec = next((s for s in specs if s.defense.name == "apdm"), None)
     if spec is None:
@@ -83,11 +88,18 @@ def main() -> None:
         parser.error(f"--people: the campaign has {len(names)} people, {args.people} + 1 needed")
     changes = {
         k: v
-        for k, v in (("inner_steps", args.inner_steps), ("iterations", args.iterations))
+        for k, v in (
+            ("inner_steps", args.inner_steps),
+            ("iterations", args.iterations),
+            ("inner_lr", args.attack_lr),
+        )
         if v is not None
     }
     apdm = dataclasses.replace(DEFENSES.build("apdm", spec.defense.kwargs), **changes)
     attack = ATTACKS.build(spec.attack.name, spec.attack.kwargs)
+    if args.attack_lr is not None:
+        attack = dataclasses.replace(attack, lr=args.attack_lr)
+    attack = dataclasses.replace(attack, steps=max(args.at))  # as run and recorded
     device = pick_device()
     bundle = BASE_MODELS.build(spec.base_model.name, spec.base_model.kwargs).load(device)
     dataset = DATASETS.build(spec.dataset.name, spec.dataset.kwargs)
@@ -125,7 +137,10 @@ def main() -> None:
             f"   {base[j]:.4f} / {prot[j]:.4f}"
         )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{args.campaign.stem}-inner{apdm.inner_steps}-it{apdm.iterations}.json"
+    name = f"{args.campaign.stem}-inner{apdm.inner_steps}-it{apdm.iterations}"
+    if args.attack_lr is not None:
+        name += f"-attack-lr{args.attack_lr:g}"
+    out = RESULTS / f"{name}.json"
     record = {
         "settings": {**vars(args), "campaign": str(args.campaign.name)},
         "apdm": dataclasses.asdict(apdm),
