@@ -8,9 +8,10 @@ on the person's held-out photos (set_A) starts above the base model's and the ga
 closes as the attack goes on; if it is not there at all, the gap is near zero from
 the first step. The same curves for a bystander (the next person of the gallery,
 attacked on their own photos) say what the protection costs everyone else. The
-attacker, APDM and the people are the campaign file's; ``--inner-steps`` and
-``--iterations`` replace APDM's where given, ``--attack-lr`` the attacker's lr and
-APDM's simulated one's with it (a slower attacker, given more steps with ``--at``).
+attacker (run for the largest of ``--at``'s step counts), APDM and the people are the
+campaign file's; ``--inner-steps`` and ``--iterations`` replace APDM's where given,
+``--attack-lr`` the attacker's lr and APDM's simulated one's with it (a slower
+attacker, given more steps with ``--at``).
 
     python benchmarks/apdm_horizon.py                    # validity-apdm-budget.yaml
     python benchmarks/apdm_horizon.py --inner-steps 16   # a longer simulated attack
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 
@@ -77,7 +79,7 @@ def main() -> None:
         parser.error("--people: at least 1")
     if sorted(set(args.at)) != args.at or args.at[0] < 0:
         parser.error(f"--at: increasing step counts from 0 up, got {args.at}")
-    if args.attack_lr is not None and args.attack_lr <= 0:
+    if args.attack_lr is not None and not 0 < args.attack_lr < math.inf:
         parser.error(f"--attack-lr: expected > 0, got {args.attack_lr}")
     specs = load_campaign(args.campaign).specs
     spec = next((s for s in specs if s.defense.name == "apdm"), None)
