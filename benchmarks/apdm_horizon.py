@@ -29,25 +29,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _apdm_settings import CAMPAIGNS, apdm_experiment
 
-import antipers
 from antipers.attacks.personalize import Personalization
-from antipers.campaign import load_campaign
 from antipers.data.identity import IdentitySet
 from antipers.device import pick_device
 from antipers.models.bundle import DiffusionBundle
-from antipers.registry import ATTACKS, BASE_MODELS, DATASETS, DEFENSES
+from antipers.registry import BASE_MODELS, DATASETS
 from antipers.robustness import diffusion_loss
 
 RESULTS = Path(__file__).parent / "results" / "apdm-horizon"
-CAMPAIGNS = Path(antipers.__file__).parent / "campaigns"
 
 
 def loss_curve(
     attack: Personalization, person: IdentitySet, bundle: DiffusionBundle, at: list[int], seed: int
 ) -> list[float]:
     """The attacked model's mean diffusion loss on ``person``'s set_A after each step
-    count in ``at`` (0: before the attack), from one attack of ``max(at)`` steps."""
+    count in ``at`` (0: before the attack), from one attack of ``attack.steps`` steps."""
+    if max(at) > attack.steps:
+        raise ValueError(f"at: step {max(at)} beyond the attack's {attack.steps}")
     curve = {0: float(diffusion_loss(bundle, person.set_A).mean())} if 0 in at else {}
 
     def measure(step: int, trained: DiffusionBundle) -> None:
@@ -56,7 +56,6 @@ def loss_curve(
             curve[step + 1] = float(diffusion_loss(trained, person.set_A).mean())
             trained.unet.train()
 
-    attack = dataclasses.replace(attack, steps=max(at))
     attack.personalize(
         person.set_B.to(bundle.device), bundle, torch.Generator().manual_seed(seed), measure
     )
@@ -81,30 +80,25 @@ def main() -> None:
         parser.error(f"--at: increasing step counts from 0 up, got {args.at}")
     if args.attack_lr is not None and not 0 < args.attack_lr < math.inf:
         parser.error(f"--attack-lr: expected > 0, got {args.attack_lr}")
-    specs = load_campaign(args.campaign).specs
-    spec = next((s for s in specs if s.defense.name == "apdm"), None)
-    if spec is None:
-        parser.error(f"--campaign: {args.campaign} has no apdm experiment")
-    names = list(dict.fromkeys(s.identity for s in specs))
+    try:
+        spec, attack, apdm = apdm_experiment(
+            args.campaign,
+            {"lr": args.attack_lr},
+            {
+                "inner_steps": args.inner_steps,
+                "iterations": args.iterations,
+                "inner_lr": args.attack_lr,
+            },
+        )
+    except ValueError as exc:
+        parser.error(f"--campaign: {exc}")
+    attack = dataclasses.replace(attack, steps=max(args.at))  # as run and recorded
+    dataset = DATASETS.build(spec.dataset.name, spec.dataset.kwargs)
+    names = dataset.identities()
     if len(names) < args.people + 1:
         parser.error(f"--people: the campaign has {len(names)} people, {args.people} + 1 needed")
-    changes = {
-        k: v
-        for k, v in (
-            ("inner_steps", args.inner_steps),
-            ("iterations", args.iterations),
-            ("inner_lr", args.attack_lr),
-        )
-        if v is not None
-    }
-    apdm = dataclasses.replace(DEFENSES.build("apdm", spec.defense.kwargs), **changes)
-    attack = ATTACKS.build(spec.attack.name, spec.attack.kwargs)
-    if args.attack_lr is not None:
-        attack = dataclasses.replace(attack, lr=args.attack_lr)
-    attack = dataclasses.replace(attack, steps=max(args.at))  # as run and recorded
     device = pick_device()
     bundle = BASE_MODELS.build(spec.base_model.name, spec.base_model.kwargs).load(device)
-    dataset = DATASETS.build(spec.dataset.name, spec.dataset.kwargs)
     rows = []
     for i in range(args.people):
         person, bystander = (dataset.load(n, spec.resolution) for n in names[i : i + 2])

@@ -20,38 +20,23 @@ dispreferred side). The attacker and APDM are ``validity-model.yaml``'s, read fr
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _apdm_settings import CAMPAIGNS, apdm_experiment
 
-import antipers
 from antipers.board_stats import mean_interval
 from antipers.boards import load_boards
-from antipers.campaign import load_campaign
 from antipers.data.synthetic import SyntheticDataset
 from antipers.device import pick_device
-from antipers.registry import ATTACKS, BASE_MODELS, DEFENSES
+from antipers.registry import BASE_MODELS
 from antipers.robustness import diffusion_loss
 
 RESULTS = Path(__file__).parent / "results" / "specificity"
-CAMPAIGN = Path(antipers.__file__).parent / "campaigns" / "validity-model.yaml"
-
-
-def model_track_settings(steps: int | None, lr: float | None) -> tuple[object, object]:
-    """The model track's DreamBooth attacker (``steps``/``lr`` replaced where given) and
-    its APDM, as ``validity-model.yaml`` sets them."""
-    spec = next(
-        s
-        for s in load_campaign(CAMPAIGN).specs
-        if s.defense.name == "apdm" and s.attack.name == "dreambooth"
-    )
-    attack = ATTACKS.build(spec.attack.name, spec.attack.kwargs)
-    changes = {k: v for k, v in (("steps", steps), ("lr", lr)) if v is not None}
-    return dataclasses.replace(attack, **changes), DEFENSES.build("apdm", spec.defense.kwargs)
+CAMPAIGN = CAMPAIGNS / "validity-model.yaml"
 
 
 def loss_matrix(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, list[str], float]:
@@ -62,7 +47,7 @@ def loss_matrix(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, list[
     dataset = SyntheticDataset(n_identities=args.people, seed=args.dataset_seed)
     names = dataset.identities()
     people = [dataset.load(name, args.resolution) for name in names]
-    attack, apdm = model_track_settings(args.steps, args.lr)
+    _, attack, apdm = apdm_experiment(CAMPAIGN, {"steps": args.steps, "lr": args.lr}, {})
     args.steps, args.lr = attack.steps, attack.lr  # recorded as run
     base = np.array([diffusion_loss(bundle, p.set_A).mean() for p in people])
     preferred = apdm.generic_images(bundle, args.resolution)

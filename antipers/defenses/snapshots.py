@@ -14,8 +14,7 @@ plan's bitwise). Snapshots and checkpointing recompute and store the same number
 exactly; PGD one photo at a time, and a surrogate step of more than two images (FSMG's)
 in two passes, sum the same gradient in another order, equal to float rounding, so on
 other kernels (a GPU) a rare pixel may differ by one level, and FSMG's photos in the
-last bits. That is
-why it is a property of the run, not of the spec:
+last bits. That is why it is a property of the run, not of the spec:
 ``ANTIPERS_MEMORY=plain|lean|auto`` (auto: lean once the trainable weights pass
 ``LEAN_FROM`` bytes). Lean also turns on gradient checkpointing in the surrogate's
 steps, which recomputes activations instead of storing them; under auto that follows
