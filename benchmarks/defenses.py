@@ -213,8 +213,23 @@ def run_one(model: str, name: str, args: argparse.Namespace) -> dict:
         "weights_gib": gib(bundle, ("vae", "unet", "text_encoder")),
         "trainable_gib": gib(bundle, parts),
         "memory": os.environ.get("ANTIPERS_MEMORY", "auto"),
-        # where a full-weight surrogate of this size keeps its snapshots in this run
-        "snapshots": MemoryPlan.choose(device, int(gib(bundle, parts) * 2**30)).snapshots,
+        # where a full-weight surrogate of this size keeps its snapshots and moments in
+        # this run, and whether its gradients exist all at once
+        **plan_fields(MemoryPlan.choose(device, int(gib(bundle, parts) * 2**30))),
+        "largest_gib": max(
+            p.numel() * p.element_size()
+            for part in parts
+            for p in getattr(bundle, part).parameters()
+        )
+        / 2**30,
+    }
+
+
+def plan_fields(plan: MemoryPlan) -> dict:
+    return {
+        "snapshots": plan.snapshots,
+        "moments": plan.moments,
+        "steps_in_backward": plan.steps_in_backward,
     }
 
 
@@ -229,12 +244,16 @@ def breakdown(model: str, r: dict) -> str:
     """Where a full-weight surrogate's bytes go: exact sizes of what the algorithm must
     hold, and the measured peak's remainder (activations, the runtime)."""
     w, t = r["weights_gib"], r["trainable_gib"]
-    on_disk = r["snapshots"] == "disk"
+    away = {"disk"} if r["device"] == "cpu" else {"disk", "cpu"}  # off what peak counts
+    moments = r.get("moments", "device")
+    streamed = r.get("steps_in_backward", False)
     held = {
         "weights (VAE, UNet, text encoder)": w,
-        "AdamW moments (2 x trainable)": 2 * t,
-        "gradients (clipping needs all)": t,
-        "snapshots (base, iteration)": 0.0 if on_disk else 2 * t,
+        f"AdamW moments (2 x trainable, {moments})": 0.0 if moments in away else 2 * t,
+        "gradients (one tensor at a time)" if streamed else "gradients (clipping needs all)": (
+            r["largest_gib"] if streamed else t
+        ),
+        f"snapshots (base, iteration, {r['snapshots']})": 0.0 if r["snapshots"] in away else 2 * t,
     }
     rest = r["peak_gib"] - sum(held.values())
     lines = [f"{model} {r['memory']}: where {r['peak_gib']:.2f} GiB go"]

@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+from antipers.attacks.streamed_adamw import StreamedAdamW
 from antipers.data.synthetic import SyntheticDataset
 from antipers.defenses.snapshots import LEAN_FROM, MemoryPlan, Snapshot
 from antipers.images import quantize
@@ -71,14 +72,18 @@ def test_plan_chooses_by_size_device_and_environment(monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     monkeypatch.delenv("ANTIPERS_MEMORY", raising=False)
     assert MemoryPlan.choose(cpu, LEAN_FROM - 1) == MemoryPlan("device", False)
-    assert MemoryPlan.choose(cpu, LEAN_FROM) == MemoryPlan("disk", True, 1, 2)
+    # the moments go where the snapshots go, and each weight steps inside backward
+    assert MemoryPlan.choose(cpu, LEAN_FROM) == MemoryPlan("disk", True, 1, 2, "disk", True)
     assert MemoryPlan.choose(gpu, 10) == MemoryPlan("cpu", False)  # offload_snapshots
     assert MemoryPlan.choose(gpu, 10, offload=False) == MemoryPlan("device", False)
-    assert MemoryPlan.choose(gpu, LEAN_FROM) == MemoryPlan("cpu", True, 1, 2)
-    # small adapters on a large model: snapshots stay, activations are checkpointed
+    # a GPU keeps its moments unless forced lean: host memory costs copies every step
+    assert MemoryPlan.choose(gpu, LEAN_FROM) == MemoryPlan("cpu", True, 1, 2, "device", True)
+    # small adapters on a large model: snapshots and moments stay, activations are
+    # checkpointed
     assert MemoryPlan.choose(cpu, 10, model_bytes=LEAN_FROM) == MemoryPlan("device", True, 1, 2)
     monkeypatch.setenv("ANTIPERS_MEMORY", "lean")
-    assert MemoryPlan.choose(cpu, 10) == MemoryPlan("disk", True, 1, 2)
+    assert MemoryPlan.choose(cpu, 10) == MemoryPlan("disk", True, 1, 2, "disk", True)
+    assert MemoryPlan.choose(gpu, 10) == MemoryPlan("cpu", True, 1, 2, "cpu", True)
     monkeypatch.setenv("ANTIPERS_MEMORY", "plain")
     assert MemoryPlan.choose(cpu, LEAN_FROM) == MemoryPlan("device", False)
     assert MemoryPlan.choose(cpu, 10, model_bytes=LEAN_FROM) == MemoryPlan("device", False)
@@ -101,9 +106,10 @@ def person():
 def test_lean_plan_protects_bitwise_as_the_plain_plan(
     name, extra, person, tiny_bundle, tmp_path, monkeypatch
 ):
-    """Disk snapshots and gradient checkpointing recompute and store the same numbers
-    in another place, so nothing may move: equality is exact, not a tolerance. The text
-    encoder trains, so both of the surrogate's parts go through the snapshots."""
+    """Disk snapshots, gradient checkpointing, and AdamW's moments on disk with each
+    weight stepped inside backward recompute and store the same numbers in another
+    place, so nothing may move: equality is exact, not a tolerance. The text encoder
+    trains, so both of the surrogate's parts go through the snapshots."""
     settings = {"iterations": 2, "pgd_steps": 2, "surrogate_steps": 2}
     settings |= {"num_class_images": 2, "class_steps": 2, "surrogate_lr": 1e-3, **extra}
     if name == "simac":
@@ -118,16 +124,29 @@ def test_lean_plan_protects_bitwise_as_the_plain_plan(
 
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
     monkeypatch.setattr(recompute, "checkpoint", counting)  # the VAE encoder's layers
+    in_backward = []
+    real_backprop = StreamedAdamW.backprop
+
+    def backprop(self, loss):
+        in_backward.append(self.max_grad_norm)
+        return real_backprop(self, loss)
+
+    monkeypatch.setattr(StreamedAdamW, "backprop", backprop)
     before = {k: v.clone() for k, v in tiny_bundle.unet.state_dict().items()}
-    out, checkpoints = {}, {}
+    out, checkpoints, steps_in_backward = {}, {}, {}
     for mode in ("plain", "lean"):
         monkeypatch.setenv("ANTIPERS_MEMORY", mode)
         recomputed.clear()
         defense = DEFENSES.build(name, settings)
         out[mode] = defense.protect(person, tiny_bundle, torch.Generator().manual_seed(0)).images
         checkpoints[mode] = list(recomputed)
+        steps_in_backward[mode] = len(in_backward)
+        in_backward.clear()
     encoder = set(tiny_bundle.vae.encoder.modules())
     assert checkpoints["plain"] == []
+    # every surrogate step of the lean run (2 phases of 2 steps, 2 iterations) stepped
+    # inside backward; none of the plain run's
+    assert steps_in_backward == {"plain": 0, "lean": 8}
     assert any(m in encoder for m in checkpoints["lean"])  # the VAE encoder, layer by layer
     assert any(m not in encoder for m in checkpoints["lean"])  # the UNet's own blocks
     assert torch.equal(out["plain"], out["lean"])
@@ -135,6 +154,7 @@ def test_lean_plan_protects_bitwise_as_the_plain_plan(
     after = tiny_bundle.unet.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the base came back
     assert not glob.glob(str(tmp_path / "antipers-snapshot-*"))
+    assert not glob.glob(str(tmp_path / "antipers-moments-*"))
 
 
 def test_the_lean_plan_splits_fsmgs_surrogate_step(

@@ -12,6 +12,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from antipers.attacks.streamed_adamw import StatePlace, StreamedAdamW, uses_fused
 from antipers.models.bundle import DiffusionBundle, Posterior
 from antipers.models.recompute import checkpointed
 
@@ -37,6 +38,10 @@ class TrainConfig:
     prior_weight: float = 0.0
     # images one UNet pass holds (None: a step's instance and class images in one pass)
     step_images: int | None = None
+    # where AdamW's moments live ("device": torch's optimizer; else ``StreamedAdamW``)
+    optimizer_state: StatePlace = "device"
+    # each parameter updated inside backward, as its gradient completes (streamed)
+    steps_in_backward: bool = False
 
 
 @dataclass
@@ -53,11 +58,24 @@ class TrainData:
 
 
 def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with the fused kernel where torch has one (CPU, CUDA): on the CPU the default
-    loops over the tensors in Python, a fifth of a small UNet's training step."""
-    devices = {p.device.type for p in params}
-    fused = devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)
+    """AdamW with the fused kernel where torch has one (``uses_fused``)."""
+    fused = uses_fused(params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+def _optimizer(
+    params: list[torch.nn.Parameter], config: TrainConfig
+) -> torch.optim.AdamW | StreamedAdamW:
+    if config.optimizer_state == "device" and not config.steps_in_backward:
+        return adamw(params, config.lr, config.weight_decay)
+    return StreamedAdamW(
+        params,
+        config.lr,
+        config.weight_decay,
+        config.max_grad_norm,
+        config.optimizer_state,
+        total_steps=config.steps,
+    )
 
 
 def batch_indices(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -147,6 +165,7 @@ def _backward(
     prior_weight: float,
     grad_accum: int,
     step_images: int | None,
+    backprop: Callable[[torch.Tensor], None] = torch.Tensor.backward,
 ) -> float:
     """Back-propagate one micro-batch's loss (divided by ``grad_accum``); its value.
 
@@ -154,10 +173,12 @@ def _backward(
     (instance photos, class images) and each piece of a part takes its own pass and
     backward, weighted by its share of the part's mean: the same gradient summed in
     another order (equal up to float rounding), with one piece's activations held at a
-    time. The draws are made before, so they do not depend on the split."""
+    time. The draws are made before, so they do not depend on the split. ``backprop``
+    runs the one pass's backward (a streamed optimizer's steps inside it); a split step
+    accumulates its gradients with plain backward passes."""
     if step_images is None or sum(len(c.latents) for c in chunks) <= step_images:
         loss = _chunked_loss(bundle, chunks, embeds, prior_weight)
-        (loss / grad_accum).backward()
+        backprop(loss / grad_accum)
         return float(loss.detach())
     if step_images < 1:
         raise ValueError(f"step_images: at least 1 image per UNet pass, got {step_images}")
@@ -212,7 +233,11 @@ def finetune(
             class_posterior = data.class_posterior
             if class_posterior is None:
                 class_posterior = bundle.posterior(data.class_images)
-    optimizer = adamw(params, config.lr, config.weight_decay)
+    optimizer = _optimizer(params, config)
+    backprop: Callable[[torch.Tensor], None] = torch.Tensor.backward
+    # with accumulation, the first micro-batch's gradients must wait for the others
+    if isinstance(optimizer, StreamedAdamW) and config.steps_in_backward and config.grad_accum == 1:
+        backprop = optimizer.backprop
     schedule = get_scheduler(
         config.lr_schedule,
         optimizer,
@@ -228,7 +253,12 @@ def finetune(
     )
     every = max(1, config.steps // 10)
     losses: list[float] = []
-    with training_mode(bundle, train_text_encoder, config.gradient_checkpointing):
+    closing = (
+        contextlib.closing(optimizer)  # the moments' scratch file goes, also on error
+        if isinstance(optimizer, StreamedAdamW)
+        else contextlib.nullcontext()
+    )
+    with closing, training_mode(bundle, train_text_encoder, config.gradient_checkpointing):
         for step in range(config.steps):
             total = 0.0
             for _ in range(config.grad_accum):
@@ -243,10 +273,12 @@ def finetune(
                     config.prior_weight,
                     config.grad_accum,
                     config.step_images,
+                    backprop,
                 )
                 total += value / config.grad_accum
             try:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm, foreach=True)
+                if not isinstance(optimizer, StreamedAdamW):  # it clips as it steps
+                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm, foreach=True)
                 optimizer.step()
                 schedule.step()
             finally:

@@ -10,30 +10,31 @@ costs no memory at all (the CPU default at that scale). Every place restores exa
 
 The plan does not change the algorithm, only where numbers live and how work is
 split (tested: on ``tiny`` the lean plan's ASPL, SimAC and CAP photos equal the plain
-plan's bitwise). Snapshots and checkpointing recompute and store the same numbers
-exactly; PGD one photo at a time, and a surrogate step of more than two images (FSMG's)
-in two passes, sum the same gradient in another order, equal to float rounding, so on
-other kernels (a GPU) a rare pixel may differ by one level, and FSMG's photos in the
-last bits. That is why it is a property of the run, not of the spec:
-``ANTIPERS_MEMORY=plain|lean|auto`` (auto: lean once the trainable weights pass
-``LEAN_FROM`` bytes). Lean also turns on gradient checkpointing in the surrogate's
-steps, which recomputes activations instead of storing them; under auto that follows
-the size of the model the activations run through, so a LoRA surrogate on SD's UNet
-checkpoints too.
+plan's bitwise). Snapshots, checkpointing and the streamed optimizer (AdamW's moments
+off the device, each weight stepped inside backward: ``StreamedAdamW``) recompute and
+store the same numbers exactly; the steps inside backward cost a second backward pass
+per surrogate step, for the global norm that clipping needs. PGD one photo at a time,
+and a surrogate step of more than two images (FSMG's) in two passes, sum the same
+gradient in another order, equal to float rounding, so on other kernels (a GPU) a rare
+pixel may differ by one level, and FSMG's photos in the last bits. That is why it is a
+property of the run, not of the spec: ``ANTIPERS_MEMORY=plain|lean|auto`` (auto: lean
+once the trainable weights pass ``LEAN_FROM`` bytes). Lean also turns on gradient
+checkpointing in the surrogate's steps, which recomputes activations instead of
+storing them; under auto that follows the size of the model the activations run
+through, so a LoRA surrogate on SD's UNet checkpoints too.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
-import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
 import torch
+
+from antipers.scratch import ScratchFile
 
 Place = Literal["device", "cpu", "disk"]
 PLACES: tuple[Place, ...] = ("device", "cpu", "disk")
@@ -48,12 +49,19 @@ class MemoryPlan:
     else in PGD; one photo at a time takes a quarter, for the same gradient.
     ``step_images``: images one surrogate step's UNet pass holds (None: the whole step).
     Two keeps ASPL's step (a photo and a class image) one pass, as the reference
-    batches it, and splits FSMG's (two of each) part by part."""
+    batches it, and splits FSMG's (two of each) part by part. ``moments``: where the
+    surrogate's AdamW moments live, and ``steps_in_backward``: each weight updated as
+    its gradient completes (``StreamedAdamW``): at SD scale the moments are twice the
+    weights that train and the gradients once more. On a CPU the moments go to the
+    scratch file with the snapshots; on a GPU they stay on the card unless the plan is
+    forced lean (a 16 GB card), since host memory costs a copy each way every step."""
 
     snapshots: Place = "device"
     checkpointing: bool = False
     pgd_chunk: int | None = None
     step_images: int | None = None
+    moments: Place = "device"
+    steps_in_backward: bool = False
 
     @classmethod
     def choose(
@@ -75,7 +83,8 @@ class MemoryPlan:
             raise ValueError(f"ANTIPERS_MEMORY: expected one of {', '.join(MODES)}, got {mode!r}")
         model_bytes = trainable_bytes if model_bytes is None else model_bytes
         on_gpu = device.type != "cpu"
-        if mode == "lean" or (mode == "auto" and trainable_bytes >= LEAN_FROM):
+        streamed = mode == "lean" or (mode == "auto" and trainable_bytes >= LEAN_FROM)
+        if streamed:
             snapshots: Place = "cpu" if on_gpu else "disk"
         else:
             snapshots = "cpu" if on_gpu and offload else "device"
@@ -83,7 +92,11 @@ class MemoryPlan:
         checkpointing = mode == "lean" or (mode == "auto" and model_bytes >= LEAN_FROM)
         if not checkpointing:
             return cls(snapshots, checkpointing)
-        return cls(snapshots, checkpointing, pgd_chunk=1, step_images=2)
+        if not streamed:
+            return cls(snapshots, checkpointing, pgd_chunk=1, step_images=2)
+        # a GPU's moments go to host memory only when asked: 9 GiB each way every step
+        moments: Place = "disk" if not on_gpu else "cpu" if mode == "lean" else "device"
+        return cls(snapshots, True, 1, 2, moments=moments, steps_in_backward=True)
 
 
 def parameter_bytes(params: Mapping[str, torch.Tensor]) -> int:
@@ -100,9 +113,9 @@ class Snapshot(Mapping[str, torch.Tensor]):
             raise ValueError(f"snapshot place: expected one of {PLACES}, got {place!r}")
         self._layout = {n: (p.dtype, tuple(p.shape)) for n, p in params.items()}
         self._copies: dict[str, torch.Tensor] = {}
-        self._file: _ScratchFile | None = None
+        self._file: ScratchFile | None = None
         if place == "disk":
-            self._file = _ScratchFile.write(params)
+            self._file = ScratchFile.write(params, prefix="antipers-snapshot-")
         else:
             target = torch.device("cpu") if place == "cpu" else None
             for name, p in params.items():
@@ -143,58 +156,3 @@ class Snapshot(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self._layout)
-
-
-class _ScratchFile:
-    """Raw tensor bytes in one file under ``ANTIPERS_SCRATCH`` (default: the system's
-    temporary folder), removed on ``remove`` or when collected. Tensors are read back
-    through one reused host buffer, so a restore allocates one tensor's worth at most
-    (a safetensors or torch.load round trip would materialise a second full copy)."""
-
-    def __init__(self, path: Path, offsets: dict[str, tuple[int, int]]) -> None:
-        self.path, self.offsets = path, offsets
-        self._finalizer = weakref.finalize(self, _unlink, path)
-
-    @classmethod
-    def write(cls, params: Mapping[str, torch.Tensor]) -> _ScratchFile:
-        folder = os.environ.get("ANTIPERS_SCRATCH") or None
-        handle, name = tempfile.mkstemp(prefix="antipers-snapshot-", suffix=".bin", dir=folder)
-        offsets: dict[str, tuple[int, int]] = {}
-        try:
-            with os.fdopen(handle, "wb") as f:
-                for key, p in params.items():
-                    data = _bytes_of(p.detach().to("cpu"))
-                    offsets[key] = (f.tell(), data.numel())
-                    f.write(memoryview(data.numpy()))
-        except BaseException:
-            _unlink(Path(name))
-            raise
-        return cls(Path(name), offsets)
-
-    def read_into(self, params: Mapping[str, torch.Tensor]) -> None:
-        largest = max((self.offsets[k][1] for k in params), default=0)
-        buffer = torch.empty(largest, dtype=torch.uint8)
-        view = memoryview(buffer.numpy())
-        with open(self.path, "rb", buffering=0) as f:
-            for key, p in params.items():
-                offset, size = self.offsets[key]
-                f.seek(offset)
-                done = 0
-                while done < size:  # one read returns at most ~2 GiB on Linux
-                    got = f.readinto(view[done:size])
-                    if not got:
-                        raise OSError(f"{self.path}: snapshot ends early at {key!r}")
-                    done += got
-                source = buffer[:size].view(p.dtype).view(p.shape)
-                p.copy_(source)
-
-    def remove(self) -> None:
-        self._finalizer()
-
-
-def _bytes_of(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
-
-
-def _unlink(path: Path) -> None:
-    path.unlink(missing_ok=True)

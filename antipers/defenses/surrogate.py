@@ -205,6 +205,8 @@ class Surrogate:
             prior_weight=prior_weight,
             gradient_checkpointing=config.gradient_checkpointing or self.plan.checkpointing,
             step_images=self.plan.step_images,
+            optimizer_state=self.plan.moments,
+            steps_in_backward=self.plan.steps_in_backward,
         )
         data = TrainData(images.detach(), self.prompt, posterior=posterior)
         if self.prior is not None:
