@@ -22,6 +22,8 @@ import torch
 
 
 class ScratchFile:
+    """One scratch file of named entries (``offsets``: key -> byte offset and size)."""
+
     def __init__(self, path: Path, offsets: dict[str, tuple[int, int]]) -> None:
         self.path, self.offsets = path, offsets
         self._handle: BinaryIO | None = None  # kept open for entries rewritten every step
@@ -46,14 +48,16 @@ class ScratchFile:
     @classmethod
     def allocate(cls, sizes: Mapping[str, int], prefix: str) -> ScratchFile:
         """A new file with room for entries of ``sizes`` bytes, to be written with
-        ``write_entry`` (sparse: nothing is written until then)."""
+        ``write_entry``. The room is reserved now, so a full disk is an error here, not
+        in the middle of a training step."""
         handle, name = _create(prefix)
         offsets, end = {}, 0
         for key, size in sizes.items():
             offsets[key] = (end, size)
             end += size
         try:
-            os.ftruncate(handle, end)
+            if end:
+                os.posix_fallocate(handle, 0, end)
         except BaseException:
             _unlink(Path(name))
             raise
@@ -80,6 +84,7 @@ class ScratchFile:
             t.copy_(buffer[:size].view(t.dtype).view(t.shape))
 
     def write_entry(self, key: str, tensor: torch.Tensor) -> None:
+        """``tensor``'s bytes in its entry's place (the entry's size must match)."""
         offset, size = self.offsets[key]
         data = _bytes_of(tensor.detach().to("cpu"))
         if data.numel() != size:

@@ -225,7 +225,7 @@ def run_one(model: str, name: str, args: argparse.Namespace) -> dict:
     }
 
 
-def plan_fields(plan: MemoryPlan) -> dict:
+def plan_fields(plan: MemoryPlan) -> dict[str, object]:
     return {
         "snapshots": plan.snapshots,
         "moments": plan.moments,

@@ -96,14 +96,104 @@ def test_bad_place_is_refused():
         StreamedAdamW(_model().parameters(), 1e-2, 0.0, None, "gpu")
 
 
-def test_finetune_removes_the_moments_file_when_a_step_fails(tiny_bundle, tmp_path, monkeypatch):
+def test_a_channels_last_weight_keeps_its_layout_on_disk(tmp_path, monkeypatch):
+    """The fused kernel pairs a weight's and its moments' elements in storage order."""
     monkeypatch.setenv("ANTIPERS_SCRATCH", str(tmp_path))
-    params = [p for p in tiny_bundle.unet.parameters()]
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    convs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        convs.append(torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last))
+    plain, streamed = convs
+    assert not plain.weight.is_contiguous()  # the case under test
+    reference = torch.optim.AdamW(plain.parameters(), lr=1e-2, fused=True)
+    with StreamedAdamW(streamed.parameters(), 1e-2, 1e-2, None, "disk") as optimizer:
+        for _ in range(3):
+            plain(x).square().sum().backward()
+            reference.step()
+            reference.zero_grad()
+            streamed(x).square().sum().backward()
+            optimizer.step()
+    for p, q in zip(plain.parameters(), streamed.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("clip", [1.0, None])
+def test_a_graph_that_reads_an_updated_weight_raises(clip):
+    """A weight saved through ``.detach()`` before its own use is read after its update:
+    autograd must refuse, not compute with the new value."""
+    lin = torch.nn.Linear(4, 4)
+    x = torch.randn(3, 4, requires_grad=True)  # not the optimizer's: its gradient needs W
+    loss = lin(x @ lin.weight.detach().T).sum()
+    with (
+        StreamedAdamW(lin.parameters(), 1e-2, 0.0, clip, "device") as optimizer,
+        pytest.raises(RuntimeError, match="modified by an inplace operation"),
+    ):
+        optimizer.backprop(loss)
+
+
+def test_stepping_past_the_planned_steps_is_refused():
+    model = _model()
+    x = torch.randn(5, 6)
+    with StreamedAdamW(model.parameters(), 1e-2, 0.0, None, "cpu", total_steps=1) as optimizer:
+        optimizer.backprop(_loss(model, x, 0))
+        optimizer.step()
+        with pytest.raises(RuntimeError, match="1 steps were planned"):
+            optimizer.backprop(_loss(model, x, 0))
+
+
+@pytest.fixture
+def unet_params(tiny_bundle):
+    """The tiny UNet's weights, trainable for one test and restored after."""
+    params = list(tiny_bundle.unet.parameters())
     before = [p.detach().clone() for p in params]
     for p in params:
         p.requires_grad_(True)
-    config = TrainConfig(steps=3, lr=1e-3, optimizer_state="disk", steps_in_backward=True)
+    yield params
+    with torch.no_grad():
+        for p, b in zip(params, before, strict=True):
+            p.copy_(b)
+            p.grad = None
+            p.requires_grad_(False)
+
+
+def _finetune(bundle, params, config, on_step=None):
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    data = TrainData(images, "a photo")
+    return finetune(bundle, data, params, config, torch.Generator().manual_seed(0), on_step=on_step)
+
+
+@pytest.mark.parametrize(
+    "split",
+    [{"grad_accum": 2}, {"batch_size": 2, "step_images": 1}],
+    ids=["accumulation", "split-step"],
+)
+def test_finetune_falls_back_to_one_step_after_backward_and_matches_torch(
+    split, tiny_bundle, unet_params, tmp_path, monkeypatch
+):
+    """Several backward passes per step: the gradients accumulate, then the streamed step
+    clips and updates as torch does."""
+    monkeypatch.setenv("ANTIPERS_SCRATCH", str(tmp_path))
+    initial = [p.detach().clone() for p in unet_params]
+    out = {}
+    for streamed in (False, True):
+        with torch.no_grad():
+            for p, b in zip(unet_params, initial, strict=True):
+                p.copy_(b)
+        extra = {"optimizer_state": "disk", "steps_in_backward": True} if streamed else {}
+        config = TrainConfig(steps=3, lr=1e-3, max_grad_norm=0.01, **split, **extra)
+        losses = _finetune(tiny_bundle, unet_params, config)
+        out[streamed] = (losses, [p.detach().clone() for p in unet_params])
+    assert out[True][0] == out[False][0]
+    assert all(torch.equal(a, b) for a, b in zip(out[True][1], out[False][1], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(out[True][1], initial, strict=True))
+
+
+def test_finetune_removes_the_moments_file_when_a_step_fails(
+    tiny_bundle, unet_params, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("ANTIPERS_SCRATCH", str(tmp_path))
+    config = TrainConfig(steps=3, lr=1e-3, optimizer_state="disk", steps_in_backward=True)
     seen = []
 
     def fail_at_second(step: int, loss: float) -> None:
@@ -111,20 +201,38 @@ def test_finetune_removes_the_moments_file_when_a_step_fails(tiny_bundle, tmp_pa
         if step == 1:
             raise RuntimeError("a step failed")
 
-    try:
-        with pytest.raises(RuntimeError, match="a step failed"):
-            finetune(
-                tiny_bundle,
-                TrainData(images, "a photo"),
-                params,
-                config,
-                torch.Generator().manual_seed(0),
-                on_step=fail_at_second,
-            )
-    finally:
-        with torch.no_grad():
-            for p, b in zip(params, before, strict=True):
-                p.copy_(b)
-                p.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="a step failed"):
+        _finetune(tiny_bundle, unet_params, config, on_step=fail_at_second)
     assert [len(files) for files in seen] == [1, 1]
     assert not glob.glob(str(tmp_path / "antipers-moments-*"))
+
+
+def test_a_failure_inside_backward_leaves_no_hooks_and_no_file(
+    tiny_bundle, unet_params, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("ANTIPERS_SCRATCH", str(tmp_path))
+    calls = []
+
+    def fail_once(grad: torch.Tensor) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("backward failed")
+
+    def watch(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+        out.register_hook(fail_once)  # the UNet's first layer's output raises on its way back
+
+    handle = tiny_bundle.unet.conv_in.register_forward_hook(watch)
+    config = TrainConfig(steps=2, lr=1e-3, optimizer_state="disk", steps_in_backward=True)
+    try:
+        with pytest.raises(RuntimeError, match="backward failed"):
+            _finetune(tiny_bundle, unet_params, config)
+    finally:
+        handle.remove()
+    assert not glob.glob(str(tmp_path / "antipers-moments-*"))
+    # the optimizer's hooks are gone: a plain backward leaves every gradient in place
+    latents = torch.randn(1, 4, 2, 2)
+    cond = tiny_bundle.prompt_embeds(["a photo"])
+    tiny_bundle.unet(
+        latents, torch.tensor([10]), encoder_hidden_states=cond
+    ).sample.sum().backward()
+    assert all(p.grad is not None for p in unet_params)

@@ -2,9 +2,9 @@
 so a full-weight surrogate at SD scale need not hold its gradients and moments at once.
 
 At SD 2.1 scale the weights that train (UNet and text encoder) are 4.5 GiB in fp32;
-AdamW adds 9 GiB of moments, and a step 4.5 GiB of gradients. Here the moments live in
-host memory (a GPU run) or a scratch file (a CPU run), brought to the device for one
-parameter's update and written back after it. Where a step is one backward pass,
+AdamW adds 9 GiB of moments, and a step 4.5 GiB of gradients. Here the moments can live
+in a scratch file (a CPU run) or host memory (a GPU run forced lean), brought to the
+device for one parameter's update and written back after it. Where a step is one backward pass,
 ``backprop`` updates each parameter as soon as its gradient is complete and frees it,
 so no full set of gradients ever exists. Clipping by the global norm needs every
 gradient before the first update, so that backward runs twice over one graph: the
@@ -16,6 +16,12 @@ kernel with per-parameter step counts. On the CPU the weights come out as the pl
 optimizer's bit for bit (tested); on a GPU whose backward kernels are not
 deterministic, the second pass's gradients may differ from the first's in the last
 bits, so the clip coefficient can too.
+
+Stepping inside backward assumes that no later part of the backward pass reads a
+weight whose gradient is complete (true of a module's own weights, tied ones included,
+and of checkpointed blocks). Each update bumps the weight's version counter, so a graph
+that does read it (a weight saved through ``.detach()``) raises autograd's in-place
+error instead of using the new value.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ class _Moments:
                 f"optimizer state place: expected one of {STATE_PLACES}, got {place!r}"
             )
         self.place = place
-        self._kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # device, cpu
         self._file: ScratchFile | None = None
         if place == "disk":
             sizes = {}
@@ -69,8 +75,9 @@ class _Moments:
         if self._file is None:
             m, v = self._kept[i]
             return m.to(p.device), v.to(p.device)
-        m = torch.empty(p.shape, dtype=p.dtype)
-        v = torch.empty(p.shape, dtype=p.dtype)
+        # the parameter's layout: the fused kernel pairs elements in storage order
+        m = torch.empty_like(p, device="cpu")
+        v = torch.empty_like(p, device="cpu")
         self._file.read_into({f"{i}.m": m, f"{i}.v": v})
         return m.to(p.device), v.to(p.device)
 
@@ -78,8 +85,14 @@ class _Moments:
         if self._file is not None:
             self._file.write_entry(f"{i}.m", m)
             self._file.write_entry(f"{i}.v", v)
-        elif self.place == "cpu":
-            self._kept[i] = (m.to("cpu"), v.to("cpu"))
+        elif self.place == "cpu" and m.device.type != "cpu":
+            if i not in self._kept:  # host buffers made once, pinned for a GPU's copies
+                pin = m.device.type == "cuda"
+                self._kept[i] = tuple(  # type: ignore[assignment]
+                    torch.empty_like(t, device="cpu", pin_memory=pin) for t in (m, v)
+                )
+            for kept, t in zip(self._kept[i], (m, v), strict=True):
+                kept.copy_(t)
         else:
             self._kept[i] = (m, v)
 
@@ -112,13 +125,18 @@ class StreamedAdamW(torch.optim.Optimizer):
         self.total_steps = total_steps
         self._moments = _Moments(self.params, place)
         self._taken = [0] * len(self.params)  # steps each parameter took (torch counts per tensor)
+        self._counts: dict[int, torch.Tensor] = {}  # the kernel's step tensors, as torch keeps
         self._steps = 0
         self._fused = uses_fused(self.params)
         self._stepped = False  # this step's updates already ran inside backward
 
+    def state_dict(self) -> dict:
+        raise NotImplementedError("StreamedAdamW: its moments live outside the optimizer")
+
     def backprop(self, loss: torch.Tensor) -> None:
         """``loss.backward()`` that also takes the step, parameter by parameter, as the
         gradients complete; ``step`` then only counts it."""
+        self._check_planned()
         total = None
         if self.max_grad_norm is not None:
             norms: dict[int, torch.Tensor] = {}
@@ -130,7 +148,13 @@ class StreamedAdamW(torch.optim.Optimizer):
 
             with self._hooks(measure):
                 loss.backward(retain_graph=True)
-            ordered = [norms[i] for i in sorted(norms)]  # clip_grad_norm_'s order
+            # clip_grad_norm_'s order: by device and dtype, in order of first appearance
+            groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+            for i in sorted(norms):
+                groups.setdefault((self.params[i].device, self.params[i].dtype), []).append(
+                    norms[i]
+                )
+            ordered = [n for group in groups.values() for n in group]
             total = torch.nn.utils.get_total_norm(ordered, 2.0, foreach=True)
         with self._hooks(lambda i, p: self._update(i, p, total)):
             loss.backward()
@@ -143,6 +167,7 @@ class StreamedAdamW(torch.optim.Optimizer):
         if closure is not None:
             raise ValueError("StreamedAdamW takes no closure")
         if not self._stepped:
+            self._check_planned()
             if self.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
             for i, p in enumerate(self.params):
@@ -158,10 +183,9 @@ class StreamedAdamW(torch.optim.Optimizer):
         grad, p.grad = p.grad, None
         group = self.param_groups[0]
         m, v = self._moments.load(i, p, first=self._taken[i] == 0)
-        on_device = self._fused
-        step = torch.tensor(
-            float(self._taken[i]), dtype=torch.float32, device=p.device if on_device else "cpu"
-        )
+        if i not in self._counts:  # on the device for the fused kernel, as torch keeps it
+            where = p.device if self._fused else torch.device("cpu")
+            self._counts[i] = torch.zeros((), dtype=torch.float32, device=where)
         beta1, beta2 = group["betas"]
         adamw_kernel(
             [p],
@@ -169,7 +193,7 @@ class StreamedAdamW(torch.optim.Optimizer):
             [m],
             [v],
             [],
-            [step],
+            [self._counts[i]],
             foreach=False,
             fused=self._fused or None,
             amsgrad=False,
@@ -180,9 +204,17 @@ class StreamedAdamW(torch.optim.Optimizer):
             eps=group["eps"],
             maximize=False,
         )
+        torch.autograd.graph.increment_version(p)  # the fused kernel does not
         self._taken[i] += 1
         if self.total_steps is None or self._steps + 1 < self.total_steps:
             self._moments.save(i, m, v)
+
+    def _check_planned(self) -> None:
+        if self.total_steps is not None and self._steps >= self.total_steps:
+            raise RuntimeError(
+                f"StreamedAdamW: {self.total_steps} steps were planned (total_steps), and the "
+                "last step's moments were not kept"
+            )
 
     @contextlib.contextmanager
     def _hooks(self, fn: Callable[[int, torch.nn.Parameter], None]) -> Iterator[None]:

@@ -66,7 +66,10 @@ def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> t
 def _optimizer(
     params: list[torch.nn.Parameter], config: TrainConfig
 ) -> torch.optim.AdamW | StreamedAdamW:
-    if config.optimizer_state == "device" and not config.steps_in_backward:
+    # steps inside backward need one backward per step; with accumulation, the first
+    # micro-batch's gradients wait for the others, so on the device torch's AdamW does
+    in_backward = config.steps_in_backward and config.grad_accum == 1
+    if config.optimizer_state == "device" and not in_backward:
         return adamw(params, config.lr, config.weight_decay)
     return StreamedAdamW(
         params,
@@ -233,17 +236,6 @@ def finetune(
             class_posterior = data.class_posterior
             if class_posterior is None:
                 class_posterior = bundle.posterior(data.class_images)
-    optimizer = _optimizer(params, config)
-    backprop: Callable[[torch.Tensor], None] = torch.Tensor.backward
-    # with accumulation, the first micro-batch's gradients must wait for the others
-    if isinstance(optimizer, StreamedAdamW) and config.steps_in_backward and config.grad_accum == 1:
-        backprop = optimizer.backprop
-    schedule = get_scheduler(
-        config.lr_schedule,
-        optimizer,
-        num_warmup_steps=config.warmup_steps,
-        num_training_steps=config.steps,
-    )
     embeds = _Embeds(bundle, train_text_encoder)
     batches = batch_indices(images.shape[0], config.batch_size, generator)
     class_batches = (
@@ -253,12 +245,22 @@ def finetune(
     )
     every = max(1, config.steps // 10)
     losses: list[float] = []
+    optimizer = _optimizer(params, config)
+    backprop: Callable[[torch.Tensor], None] = torch.Tensor.backward
+    if isinstance(optimizer, StreamedAdamW) and config.steps_in_backward and config.grad_accum == 1:
+        backprop = optimizer.backprop
     closing = (
         contextlib.closing(optimizer)  # the moments' scratch file goes, also on error
         if isinstance(optimizer, StreamedAdamW)
         else contextlib.nullcontext()
     )
     with closing, training_mode(bundle, train_text_encoder, config.gradient_checkpointing):
+        schedule = get_scheduler(
+            config.lr_schedule,
+            optimizer,
+            num_warmup_steps=config.warmup_steps,
+            num_training_steps=config.steps,
+        )
         for step in range(config.steps):
             total = 0.0
             for _ in range(config.grad_accum):

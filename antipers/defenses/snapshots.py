@@ -12,16 +12,18 @@ The plan does not change the algorithm, only where numbers live and how work is
 split (tested: on ``tiny`` the lean plan's ASPL, SimAC and CAP photos equal the plain
 plan's bitwise). Snapshots, checkpointing and the streamed optimizer (AdamW's moments
 off the device, each weight stepped inside backward: ``StreamedAdamW``) recompute and
-store the same numbers exactly; the steps inside backward cost a second backward pass
-per surrogate step, for the global norm that clipping needs. PGD one photo at a time,
-and a surrogate step of more than two images (FSMG's) in two passes, sum the same
-gradient in another order, equal to float rounding, so on other kernels (a GPU) a rare
-pixel may differ by one level, and FSMG's photos in the last bits. That is why it is a
-property of the run, not of the spec: ``ANTIPERS_MEMORY=plain|lean|auto`` (auto: lean
-once the trainable weights pass ``LEAN_FROM`` bytes). Lean also turns on gradient
-checkpointing in the surrogate's steps, which recomputes activations instead of
-storing them; under auto that follows the size of the model the activations run
-through, so a LoRA surrogate on SD's UNet checkpoints too.
+store the same numbers exactly (on a GPU whose backward kernels are not deterministic,
+the clip coefficient may differ in the last bits); the steps inside backward cost a
+second backward pass per surrogate step, for the global norm that clipping needs. PGD
+one photo at a time, and a surrogate step of more than two images (FSMG's) in two
+passes, sum the same gradient in another order, equal to float rounding, so on other
+kernels (a GPU) a rare pixel may differ by one level, and FSMG's photos in the last
+bits. That is why it is a property of the run, not of the spec:
+``ANTIPERS_MEMORY=plain|lean|auto`` (auto: lean once the trainable weights pass
+``LEAN_FROM`` bytes). Lean also turns on gradient checkpointing in the surrogate's
+steps, which recomputes activations instead of storing them; under auto that follows
+the size of the model the activations run through, so a LoRA surrogate on SD's UNet
+checkpoints too.
 """
 
 from __future__ import annotations
