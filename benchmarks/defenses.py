@@ -13,8 +13,9 @@ torch's AdamW, bf16 weights as the reference casts them; ``aspl-deepcopy-fp32``:
 same in fp32); ``aspl-lora`` (and ``simac-lora``, ``fsmg-lora``, any surrogate
 defense's name with ``-lora``) is that defense with the LoRA surrogate. Ratios are
 against ``aspl-deepcopy`` in the same run. Rows of the full-weight defenses repeat per
-memory plan (``--memory plain lean``: ``ANTIPERS_MEMORY`` in the child), and a large
-model's ASPL row prints where its peak's bytes go.
+memory plan (``--memory plain lean``: ``ANTIPERS_MEMORY`` in the child; ``--without
+moments steps-in-backward`` switches those levers of the plan off, for each one's
+share), and a large model's ASPL row prints where its peak's bytes go.
 
     python benchmarks/defenses.py --defenses aspl aspl-deepcopy aspl-deepcopy-fp32 \\
         --iterations 5 --repeats 3                                  # the time goal, tiny
@@ -26,6 +27,7 @@ model's ASPL row prints where its peak's bytes go.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import statistics
@@ -212,7 +214,9 @@ def run_one(model: str, name: str, args: argparse.Namespace) -> dict:
         "peak_gib": peak_gib(device),
         "weights_gib": gib(bundle, ("vae", "unet", "text_encoder")),
         "trainable_gib": gib(bundle, parts),
-        "memory": os.environ.get("ANTIPERS_MEMORY", "auto"),
+        "memory": " ".join(
+            [os.environ.get("ANTIPERS_MEMORY", "auto"), *(f"-{lever}" for lever in args.without)]
+        ),
         # where a full-weight surrogate of this size keeps its snapshots and moments in
         # this run, and whether its gradients exist all at once
         **plan_fields(MemoryPlan.choose(device, int(gib(bundle, parts) * 2**30))),
@@ -280,9 +284,19 @@ def main() -> None:
         "grow with the counts), times not comparable",
     )
     parser.add_argument("--repeats", type=int, default=1, help="runs per row (median)")
+    parser.add_argument(
+        "--without",
+        nargs="+",
+        default=[],
+        choices=LEVERS,
+        help="switch these levers of the run's memory plan off (each one's share): "
+        "'moments' keeps AdamW's moments in memory, 'steps-in-backward' holds every "
+        "gradient until the step",
+    )
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "DEFENSE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
+        without_levers(args.without)
         emit(run_one(*args.one, args))
         return
     counts = "1+1+1 steps per iteration (memory only)" if args.short else "3+6+3 steps"
@@ -291,6 +305,8 @@ def main() -> None:
         f"(median per iteration, median of {args.repeats} runs), extrapolated to the "
         "protocol's counts; 'identity s' includes the process's start-up, 'resident s' not"
     )
+    if args.without:
+        print(f"with these levers of the memory plan off: {', '.join(args.without)}")
     print(
         f"{'model':<11}{'defense':<20}{'memory':<7}{'device':<7}{'s/iter':>8}"
         f"{'identity s':>11}{'resident s':>11}{'peak GiB':>10}"
@@ -331,7 +347,28 @@ def main() -> None:
 
 def child_args(args: argparse.Namespace) -> list[str]:
     out = ["--resolution", str(args.resolution), "--iterations", str(args.iterations)]
+    out += ["--without", *args.without] if args.without else []
     return out + (["--short"] if args.short else [])
+
+
+LEVERS = ("moments", "steps-in-backward")
+
+
+def without_levers(levers: list[str]) -> None:
+    """This (child) process's memory plans with ``levers`` off, to measure each share."""
+    if not levers:
+        return
+    choose = MemoryPlan.choose.__func__  # type: ignore[attr-defined]
+
+    def chosen(cls: type[MemoryPlan], *args: object, **kwargs: object) -> MemoryPlan:
+        plan = choose(cls, *args, **kwargs)
+        if "moments" in levers:
+            plan = dataclasses.replace(plan, moments="device")
+        if "steps-in-backward" in levers:
+            plan = dataclasses.replace(plan, steps_in_backward=False)
+        return plan
+
+    MemoryPlan.choose = classmethod(chosen)  # type: ignore[method-assign, assignment]
 
 
 def median_run(runs: list[dict]) -> dict:

@@ -5,6 +5,7 @@ parameter's gradient in the in-backward mode."""
 
 import glob
 import itertools
+import os
 
 import pytest
 import torch
@@ -132,14 +133,64 @@ def test_a_graph_that_reads_an_updated_weight_raises(clip):
         optimizer.backprop(loss)
 
 
-def test_stepping_past_the_planned_steps_is_refused():
+@pytest.mark.parametrize("in_backward", [True, False])
+def test_stepping_past_the_planned_steps_is_refused(in_backward):
     model = _model()
     x = torch.randn(5, 6)
     with StreamedAdamW(model.parameters(), 1e-2, 0.0, None, "cpu", total_steps=1) as optimizer:
-        optimizer.backprop(_loss(model, x, 0))
-        optimizer.step()
+
+        def one_step() -> None:
+            loss = _loss(model, x, 0)
+            optimizer.backprop(loss) if in_backward else loss.backward()
+            optimizer.step()
+
+        one_step()
         with pytest.raises(RuntimeError, match="1 steps were planned"):
-            optimizer.backprop(_loss(model, x, 0))
+            one_step()
+
+
+def test_the_moments_room_is_reserved_when_built(tmp_path, monkeypatch):
+    """A full disk must be an error before the first weight moves, not midway."""
+    monkeypatch.setenv("ANTIPERS_SCRATCH", str(tmp_path))
+    model = _model()
+    with StreamedAdamW(model.parameters(), 1e-2, 0.0, None, "disk"):
+        (path,) = glob.glob(str(tmp_path / "antipers-moments-*"))
+        size = 2 * sum(p.numel() * p.element_size() for p in model.parameters())
+        stat = os.stat(path)
+        assert stat.st_size == size
+        assert stat.st_blocks * 512 >= size  # allocated, not a sparse hole
+
+
+def test_one_optimizer_state_and_group_only():
+    optimizer = StreamedAdamW(_model().parameters(), 1e-2, 0.0, None, "cpu")
+    for call in (
+        optimizer.state_dict,
+        lambda: optimizer.load_state_dict({}),
+        lambda: optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))]}),
+    ):
+        with pytest.raises(NotImplementedError, match="StreamedAdamW"):
+            call()
+
+
+@pytest.mark.parametrize(
+    ("config", "streamed"),
+    [
+        ({"optimizer_state": "device", "steps_in_backward": True}, True),
+        ({"optimizer_state": "device", "steps_in_backward": True, "grad_accum": 2}, False),
+        ({"optimizer_state": "disk", "steps_in_backward": True, "grad_accum": 2}, True),
+        ({"optimizer_state": "device", "steps_in_backward": False}, False),
+    ],
+)
+def test_moments_on_the_device_without_a_step_in_backward_use_torchs_adamw(config, streamed):
+    from antipers.attacks.training import _optimizer
+
+    params = list(_model().parameters())
+    full = TrainConfig(steps=2, lr=1e-3, **config)
+    one_pass = full.grad_accum == 1
+    chosen = _optimizer(params, full, one_pass)
+    assert isinstance(chosen, StreamedAdamW) == streamed
+    if not streamed:
+        assert type(chosen) is torch.optim.AdamW
 
 
 @pytest.fixture
@@ -189,6 +240,26 @@ def test_finetune_falls_back_to_one_step_after_backward_and_matches_torch(
     assert not all(torch.equal(a, b) for a, b in zip(out[True][1], initial, strict=True))
 
 
+def test_a_split_step_with_moments_on_the_device_uses_torchs_adamw(
+    tiny_bundle, unet_params, monkeypatch
+):
+    built = []
+    real = StreamedAdamW.__init__
+
+    def spy(self, *args, **kwargs):
+        built.append(1)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(StreamedAdamW, "__init__", spy)
+    for step_images, expected in ((1, []), (2, [1])):  # 2 photos a step: split, then one pass
+        built.clear()
+        config = TrainConfig(
+            steps=1, lr=1e-3, batch_size=2, step_images=step_images, steps_in_backward=True
+        )
+        _finetune(tiny_bundle, unet_params, config)
+        assert built == expected
+
+
 def test_finetune_removes_the_moments_file_when_a_step_fails(
     tiny_bundle, unet_params, tmp_path, monkeypatch
 ):
@@ -207,15 +278,16 @@ def test_finetune_removes_the_moments_file_when_a_step_fails(
     assert not glob.glob(str(tmp_path / "antipers-moments-*"))
 
 
+@pytest.mark.parametrize("failing_pass", [1, 2], ids=["norms-pass", "update-pass"])
 def test_a_failure_inside_backward_leaves_no_hooks_and_no_file(
-    tiny_bundle, unet_params, tmp_path, monkeypatch
+    failing_pass, tiny_bundle, unet_params, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("ANTIPERS_SCRATCH", str(tmp_path))
     calls = []
 
     def fail_once(grad: torch.Tensor) -> None:
         calls.append(1)
-        if len(calls) == 1:
+        if len(calls) == failing_pass:
             raise RuntimeError("backward failed")
 
     def watch(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:

@@ -86,11 +86,9 @@ class _Moments:
             self._file.write_entry(f"{i}.m", m)
             self._file.write_entry(f"{i}.v", v)
         elif self.place == "cpu" and m.device.type != "cpu":
-            if i not in self._kept:  # host buffers made once, pinned for a GPU's copies
-                pin = m.device.type == "cuda"
-                self._kept[i] = tuple(  # type: ignore[assignment]
-                    torch.empty_like(t, device="cpu", pin_memory=pin) for t in (m, v)
-                )
+            if i not in self._kept:  # host buffers made once (pinned ones round up to 2^k)
+                host = (torch.empty_like(t, device="cpu") for t in (m, v))
+                self._kept[i] = tuple(host)  # type: ignore[assignment]
             for kept, t in zip(self._kept[i], (m, v), strict=True):
                 kept.copy_(t)
         else:
@@ -132,6 +130,14 @@ class StreamedAdamW(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         raise NotImplementedError("StreamedAdamW: its moments live outside the optimizer")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        raise NotImplementedError("StreamedAdamW: its moments live outside the optimizer")
+
+    def add_param_group(self, param_group: dict) -> None:
+        if hasattr(self, "_moments"):  # torch's __init__ adds the one group
+            raise NotImplementedError("StreamedAdamW: one parameter group, given when built")
+        super().add_param_group(param_group)
 
     def backprop(self, loss: torch.Tensor) -> None:
         """``loss.backward()`` that also takes the step, parameter by parameter, as the

@@ -64,11 +64,12 @@ def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> t
 
 
 def _optimizer(
-    params: list[torch.nn.Parameter], config: TrainConfig
+    params: list[torch.nn.Parameter], config: TrainConfig, one_pass: bool
 ) -> torch.optim.AdamW | StreamedAdamW:
-    # steps inside backward need one backward per step; with accumulation, the first
-    # micro-batch's gradients wait for the others, so on the device torch's AdamW does
-    in_backward = config.steps_in_backward and config.grad_accum == 1
+    """``one_pass``: a step is one backward pass. Steps inside backward need that; with
+    accumulation or a split step the first pass's gradients wait for the others, so
+    with the moments on the device torch's AdamW does the step."""
+    in_backward = config.steps_in_backward and one_pass
     if config.optimizer_state == "device" and not in_backward:
         return adamw(params, config.lr, config.weight_decay)
     return StreamedAdamW(
@@ -245,9 +246,13 @@ def finetune(
     )
     every = max(1, config.steps // 10)
     losses: list[float] = []
-    optimizer = _optimizer(params, config)
+    step_size = config.batch_size * (2 if use_prior else 1)  # images, with the class ones
+    one_pass = config.grad_accum == 1 and (
+        config.step_images is None or step_size <= config.step_images
+    )
+    optimizer = _optimizer(params, config, one_pass)
     backprop: Callable[[torch.Tensor], None] = torch.Tensor.backward
-    if isinstance(optimizer, StreamedAdamW) and config.steps_in_backward and config.grad_accum == 1:
+    if isinstance(optimizer, StreamedAdamW) and config.steps_in_backward and one_pass:
         backprop = optimizer.backprop
     closing = (
         contextlib.closing(optimizer)  # the moments' scratch file goes, also on error
