@@ -308,3 +308,22 @@ def test_a_failure_inside_backward_leaves_no_hooks_and_no_file(
         latents, torch.tensor([10]), encoder_hidden_states=cond
     ).sample.sum().backward()
     assert all(p.grad is not None for p in unet_params)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("place", ["cpu", "device"])
+def test_on_a_gpu_moments_in_host_memory_move_weights_as_torchs_adamw(place):
+    """The lean plan's GPU path: moments copied to host buffers and back every step."""
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(1)).cuda()
+    plain, streamed = _model().cuda(), _model().cuda()
+    reference = torch.optim.AdamW(plain.parameters(), lr=1e-2, fused=True)
+    with StreamedAdamW(streamed.parameters(), 1e-2, 1e-2, 0.05, place, total_steps=4) as opt:
+        for step in range(4):
+            _loss(plain, x, step).backward()
+            torch.nn.utils.clip_grad_norm_(list(plain.parameters()), 0.05, foreach=True)
+            reference.step()
+            reference.zero_grad()
+            opt.backprop(_loss(streamed, x, step))
+            opt.step()
+    for p, q in zip(plain.parameters(), streamed.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)  # backward kernels may differ
