@@ -187,7 +187,7 @@ def test_moments_on_the_device_without_a_step_in_backward_use_torchs_adamw(confi
     params = list(_model().parameters())
     full = TrainConfig(steps=2, lr=1e-3, **config)
     one_pass = full.grad_accum == 1
-    chosen = _optimizer(params, full, one_pass)
+    chosen, _ = _optimizer(params, full, one_pass)
     assert isinstance(chosen, StreamedAdamW) == streamed
     if not streamed:
         assert type(chosen) is torch.optim.AdamW

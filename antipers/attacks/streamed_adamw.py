@@ -122,8 +122,8 @@ class StreamedAdamW(torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm
         self.total_steps = total_steps
         self._moments = _Moments(self.params, place)
-        self._taken = [0] * len(self.params)  # steps each parameter took (torch counts per tensor)
-        self._counts: dict[int, torch.Tensor] = {}  # the kernel's step tensors, as torch keeps
+        # each tensor's step count, as torch keeps it (a tensor without a gradient skips)
+        self._counts: dict[int, torch.Tensor] = {}
         self._steps = 0
         self._fused = uses_fused(self.params)
         self._stepped = False  # this step's updates already ran inside backward
@@ -188,7 +188,7 @@ class StreamedAdamW(torch.optim.Optimizer):
             torch.nn.utils.clip_grads_with_norm_([p], self.max_grad_norm, total, foreach=True)
         grad, p.grad = p.grad, None
         group = self.param_groups[0]
-        m, v = self._moments.load(i, p, first=self._taken[i] == 0)
+        m, v = self._moments.load(i, p, first=i not in self._counts)
         if i not in self._counts:  # on the device for the fused kernel, as torch keeps it
             where = p.device if self._fused else torch.device("cpu")
             self._counts[i] = torch.zeros((), dtype=torch.float32, device=where)
@@ -211,7 +211,6 @@ class StreamedAdamW(torch.optim.Optimizer):
             maximize=False,
         )
         torch.autograd.graph.increment_version(p)  # the fused kernel does not
-        self._taken[i] += 1
         if self.total_steps is None or self._steps + 1 < self.total_steps:
             self._moments.save(i, m, v)
 

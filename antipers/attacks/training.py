@@ -65,14 +65,15 @@ def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> t
 
 def _optimizer(
     params: list[torch.nn.Parameter], config: TrainConfig, one_pass: bool
-) -> torch.optim.AdamW | StreamedAdamW:
-    """``one_pass``: a step is one backward pass. Steps inside backward need that; with
-    accumulation or a split step the first pass's gradients wait for the others, so
-    with the moments on the device torch's AdamW does the step."""
+) -> tuple[torch.optim.AdamW | StreamedAdamW, Callable[[torch.Tensor], None]]:
+    """The optimizer and the backward a step runs. ``one_pass``: a step is one backward
+    pass. Steps inside backward need that; with accumulation or a split step the first
+    pass's gradients wait for the others, so with the moments on the device torch's
+    AdamW does the step."""
     in_backward = config.steps_in_backward and one_pass
     if config.optimizer_state == "device" and not in_backward:
-        return adamw(params, config.lr, config.weight_decay)
-    return StreamedAdamW(
+        return adamw(params, config.lr, config.weight_decay), torch.Tensor.backward
+    optimizer = StreamedAdamW(
         params,
         config.lr,
         config.weight_decay,
@@ -80,6 +81,7 @@ def _optimizer(
         config.optimizer_state,
         total_steps=config.steps,
     )
+    return optimizer, optimizer.backprop if in_backward else torch.Tensor.backward
 
 
 def batch_indices(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -250,10 +252,7 @@ def finetune(
     one_pass = config.grad_accum == 1 and (
         config.step_images is None or step_size <= config.step_images
     )
-    optimizer = _optimizer(params, config, one_pass)
-    backprop: Callable[[torch.Tensor], None] = torch.Tensor.backward
-    if isinstance(optimizer, StreamedAdamW) and config.steps_in_backward and one_pass:
-        backprop = optimizer.backprop
+    optimizer, backprop = _optimizer(params, config, one_pass)
     closing = (
         contextlib.closing(optimizer)  # the moments' scratch file goes, also on error
         if isinstance(optimizer, StreamedAdamW)
