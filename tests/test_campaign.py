@@ -77,6 +77,7 @@ def test_bad_campaigns_are_refused_naming_line_and_field(tmp_path, change, expec
         "validity-apdm-budget",
         "validity-iddm",
         "validity-iddm-more",
+        "validity-iddm-noise",
         "validity-persguard",
         "validity-persguard-kinds",
     ],
@@ -90,7 +91,8 @@ def test_shipped_campaigns_load_with_the_sizes_their_headers_state(name):
     campaign = load_campaign(path)
     specs = campaign.specs
     people = {(s.dataset.kwargs.get("seed", 0), s.identity) for s in specs}
-    expected = {"demo": 3, "validity": 144, "validity-iddm": 24, "validity-iddm-more": 120}
+    expected = {"demo": 3, "validity": 144, "validity-iddm-more": 120}
+    expected |= {"validity-iddm": 24, "validity-iddm-noise": 24}
     expected = expected.get(name, 8)
     assert len(people) == expected
     if name == "validity-model":  # APDM against both attackers, on the model track
@@ -108,6 +110,11 @@ def test_shipped_campaigns_load_with_the_sizes_their_headers_state(name):
         assert backdoors == {("none", None), ("persguard", "pattern"), ("persguard", "erasure")}
         controls = {s.defense["backdoor"] for s in specs if s.defense.kwargs.get("iterations") == 0}
         assert controls == {"pattern"}
+    if name == "validity-iddm-noise":  # validity-iddm's baseline, and it on noised photos
+        main = {s.spec_id for s in load_campaign(path.with_name("validity-iddm.yaml")).specs}
+        clean = [s for s in specs if not s.countermeasure]
+        assert len(clean) == 24 and all(s.spec_id in main for s in clean)
+        assert {c.name for s in specs for c in s.countermeasure} == {"noise"}
     if name == "validity-iddm-more":  # the same experiments as validity-iddm, more people
         main = load_campaign(path.with_name("validity-iddm.yaml")).specs
         ids = {s.spec_id for s in main}

@@ -175,7 +175,7 @@ def test_shipped_validity_campaigns_find_their_stored_experiments():
     campaigns = Path(antipers.__file__).parent / "campaigns"
     stored = ds.dataset(results / "validity-iddm", format="parquet").to_table(columns=["spec_id"])
     stored = set(stored.column("spec_id").to_pylist())
-    for campaign in ("validity-iddm", "validity-iddm-more"):
+    for campaign in ("validity-iddm", "validity-iddm-more", "validity-iddm-noise"):
         ids = {s.spec_id for s in load_campaign(campaigns / f"{campaign}.yaml").specs}
         missing = ids - stored
         assert not missing, f"{campaign}: {len(missing)} of {len(ids)} experiments not stored"
