@@ -48,7 +48,7 @@ def measures(bundle, embedder, x, person, embeds) -> list[float]:  # type: ignor
     with torch.no_grad():
         similarity = float(identity_similarity(embedder, x, person).mean())
         draws = torch.Generator().manual_seed(123)
-        loss = float(bundle.training_loss(bundle.encode(x), embeds[: len(x)], draws))
+        loss = float(bundle.training_loss(bundle.encode(x), embeds, draws))
     return [similarity, loss]
 
 
@@ -72,16 +72,16 @@ def main() -> None:
     bundle = BASE_MODELS.build(args.model).load(device)
     depth = shipped_depth(args.embedder, args.depth)
     embedder = embedder_model(resolve_embedder(args.embedder), depth).to(device)
-    dataset = DATASETS.build("synthetic", {"n_identities": max(args.people, 2)})
+    dataset = DATASETS.build("synthetic", {"n_identities": args.people})
     config = PGDConfig(eps=args.eps, step_size=args.eps / 8, steps=args.steps)
-    embeds = bundle.prompt_embeds([PROMPT] * 4)
     rows: dict[float, list[list[float]]] = {p: [] for p in args.privacy}
     originals: list[list[float]] = []
     ratios = []
     for i in range(args.people):
-        photos = dataset.load(f"synth-{i:04d}", args.resolution).set_B.to(device)[:4]
+        photos = dataset.load(f"synth-{i:04d}", args.resolution).set_B.to(device)
         person = person_embedding(embedder, photos)
-        ratios.append(gradient_ratio(bundle, embedder, photos, person, embeds[: len(photos)]))
+        embeds = bundle.prompt_embeds([PROMPT] * len(photos))
+        ratios.append(gradient_ratio(bundle, embedder, photos, person, embeds))
         originals.append(measures(bundle, embedder, photos, person, embeds))
         moved = {}
         for privacy in args.privacy:

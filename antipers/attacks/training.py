@@ -64,13 +64,13 @@ def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> t
 
 
 def _optimizer(
-    params: list[torch.nn.Parameter], config: TrainConfig, one_pass: bool
+    params: list[torch.nn.Parameter], config: TrainConfig, single_pass: bool
 ) -> tuple[torch.optim.AdamW | StreamedAdamW, Callable[[torch.Tensor], None]]:
-    """The optimizer and the backward a step runs. ``one_pass``: a step is one backward
+    """The optimizer and the backward a step runs. ``single_pass``: a step is one backward
     pass. Steps inside backward need that; with accumulation or a split step the first
     pass's gradients wait for the others, so with the moments on the device torch's
     AdamW does the step."""
-    in_backward = config.steps_in_backward and one_pass
+    in_backward = config.steps_in_backward and single_pass
     if config.optimizer_state == "device" and not in_backward:
         return adamw(params, config.lr, config.weight_decay), torch.Tensor.backward
     optimizer = StreamedAdamW(
@@ -164,6 +164,11 @@ def _chunked_loss(
     return losses[0] + prior_weight * losses[1] if len(losses) > 1 else losses[0]
 
 
+def one_pass(images: int, step_images: int | None) -> bool:
+    """Whether a step of ``images`` images runs as one UNet pass and one backward."""
+    return step_images is None or images <= step_images
+
+
 def _backward(
     bundle: DiffusionBundle,
     chunks: list[_Chunk],
@@ -182,7 +187,7 @@ def _backward(
     time. The draws are made before, so they do not depend on the split. ``backprop``
     runs the one pass's backward (a streamed optimizer's steps inside it); a split step
     accumulates its gradients with plain backward passes."""
-    if step_images is None or sum(len(c.latents) for c in chunks) <= step_images:
+    if one_pass(sum(len(c.latents) for c in chunks), step_images):
         loss = _chunked_loss(bundle, chunks, embeds, prior_weight)
         backprop(loss / grad_accum)
         return float(loss.detach())
@@ -248,11 +253,9 @@ def finetune(
     )
     every = max(1, config.steps // 10)
     losses: list[float] = []
-    step_size = config.batch_size * (2 if use_prior else 1)  # images, with the class ones
-    one_pass = config.grad_accum == 1 and (
-        config.step_images is None or step_size <= config.step_images
-    )
-    optimizer, backprop = _optimizer(params, config, one_pass)
+    step_size = config.batch_size * (2 if use_prior else 1)  # at most, with the class ones
+    single = config.grad_accum == 1 and one_pass(step_size, config.step_images)
+    optimizer, backprop = _optimizer(params, config, single)
     closing = (
         contextlib.closing(optimizer)  # the moments' scratch file goes, also on error
         if isinstance(optimizer, StreamedAdamW)
